@@ -1,0 +1,260 @@
+"""The PeriodicLoRA core: unload the adapters into the base weights and start a new stage.
+
+PLoRA (Meng et al. 2024) trains LoRA adapters in stages. At the end of stage t every adapted
+linear layer with base weight W, adapter factors A (r x in), B (out x r) and scaling s = alpha / r
+is updated as
+
+    Delta = s * B @ A                       (computed in fp32)
+    W    <- W + (1 - m) * Delta             (cast back to W's dtype once)
+
+and the adapter starts the next stage from
+
+    m = 0:                 A ~ init (Gaussian or Kaiming-uniform),  B = 0
+    m > 0, mode "preserve": A <- sqrt(m) * A,  B <- sqrt(m) * B   (adapter keeps m * Delta)
+    m > 0, mode "paper":    A <- m * A,        B <- m * B         (adapter keeps m^2 * Delta)
+
+With m = 0 or mode "preserve" the function computed by the model is unchanged by an unload;
+"paper" is the literal reading of Section 5.2 and shifts the output by (m^2 - m) * Delta.
+After T stages W_T - W_0 = sum_t (1 - m) s B_t A_t has rank up to T * r.
+
+This module knows nothing of the Trainer, files or launchers: it takes modules, an optimizer,
+a learning-rate lambda and a generator. Every write goes through ``copy_``/``add_``/``mul_`` on
+the existing tensors so the Parameter objects, and the optimizer's references to them, survive.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from peft.tuners.lora import LoraLayer
+
+MOMENTUM_MODES = ("preserve", "paper")
+INIT_METHODS = ("gaussian", "kaiming")
+
+
+class NonFiniteAdapterError(RuntimeError):
+    """An adapter holds NaN or Inf, so its update must not be merged into the base weights."""
+
+
+@dataclass
+class UnloadReport:
+    """What one unload did: which layers it touched and the Frobenius norm of each merged update."""
+
+    momentum: float
+    mode: str
+    update_norms: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def layers(self) -> list[str]:
+        return list(self.update_norms)
+
+    @property
+    def total_norm(self) -> float:
+        return math.sqrt(sum(n * n for n in self.update_norms.values()))
+
+
+def lora_layers(model: torch.nn.Module, adapter_name: str = "default") -> Iterator[tuple[str, LoraLayer]]:
+    """Yield (name, layer) for every LoRA layer holding ``adapter_name``, in module order."""
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer) and adapter_name in module.lora_A:
+            yield name, module
+
+
+def stage_generator(seed: int, stage: int) -> torch.Generator:
+    """A CPU generator determined by (seed, stage) alone, so every data-parallel rank agrees.
+
+    Hashing keeps nearby (seed, stage) pairs from giving overlapping streams.
+    """
+    digest = hashlib.sha256(f"plora:{seed}:{stage}".encode()).digest()
+    return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+def delta_weight(layer: LoraLayer, adapter_name: str = "default") -> torch.Tensor:
+    """Delta = s * B @ A in fp32, laid out like the base weight.
+
+    PEFT's ``get_delta_weight`` computes in the adapter's dtype; we need fp32 for exact merging
+    in bf16/fp16 runs, so the two-line product is written here.
+    """
+    a = layer.lora_A[adapter_name].weight.float()
+    b = layer.lora_B[adapter_name].weight.float()
+    delta = (b @ a) * layer.scaling[adapter_name]
+    if getattr(layer, "fan_in_fan_out", False):
+        delta = delta.T
+    return delta
+
+
+def init_lora_a_(weight: torch.Tensor, generator: torch.Generator, method: str = "gaussian") -> None:
+    """Re-draw A in place; the same distributions PEFT uses for its initial adapter.
+
+    Draws happen on the CPU in fp32 and are copied over, so the values do not depend on the
+    device or dtype the adapter lives on.
+    """
+    fresh = torch.empty(weight.shape, dtype=torch.float32)
+    if method == "gaussian":
+        fresh.normal_(mean=0.0, std=1.0 / weight.shape[0], generator=generator)
+    elif method == "kaiming":
+        torch.nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=generator)
+    else:
+        raise ValueError(f"unknown init method {method!r}; expected one of {INIT_METHODS}")
+    with torch.no_grad():
+        weight.copy_(fresh)
+
+
+def reinit_adapters(
+    model: torch.nn.Module,
+    generator: torch.Generator,
+    init: str = "gaussian",
+    adapter_name: str = "default",
+) -> None:
+    """Start a fresh adapter everywhere: A re-drawn from ``generator``, B = 0."""
+    with torch.no_grad():
+        for _, layer in lora_layers(model, adapter_name):
+            init_lora_a_(layer.lora_A[adapter_name].weight, generator, init)
+            layer.lora_B[adapter_name].weight.zero_()
+
+
+def _check_finite(layers: list[tuple[str, LoraLayer]], adapter_name: str) -> None:
+    # Checked on the factors before any write, so a bad adapter leaves every base weight intact.
+    for name, layer in layers:
+        for factor in ("lora_A", "lora_B"):
+            if not torch.isfinite(getattr(layer, factor)[adapter_name].weight).all():
+                raise NonFiniteAdapterError(f"{name}.{factor} holds NaN or Inf; refusing to merge it")
+
+
+def unload(
+    model: torch.nn.Module,
+    momentum: float = 0.0,
+    mode: str = "preserve",
+    generator: torch.Generator | None = None,
+    init: str = "gaussian",
+    adapter_name: str = "default",
+) -> UnloadReport:
+    """Merge (1 - momentum) of every adapter into its base weight and start the next stage.
+
+    See the module docstring for the maths. ``generator`` is required when ``momentum == 0``
+    (A is re-drawn from it) and unused otherwise.
+    """
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+    if mode not in MOMENTUM_MODES:
+        raise ValueError(f"unknown momentum mode {mode!r}; expected one of {MOMENTUM_MODES}")
+    if momentum == 0.0 and generator is None:
+        raise ValueError("an unload with momentum 0 re-draws A and needs an explicit generator")
+
+    layers = list(lora_layers(model, adapter_name))
+    if not layers:
+        raise ValueError(f"the model has no LoRA layers for adapter {adapter_name!r}")
+    _check_finite(layers, adapter_name)
+
+    keep = math.sqrt(momentum) if mode == "preserve" else momentum
+    report = UnloadReport(momentum=momentum, mode=mode)
+    with torch.no_grad():
+        for name, layer in layers:
+            base = layer.get_base_layer().weight
+            merged = delta_weight(layer, adapter_name).mul_(1.0 - momentum)
+            base.copy_(base.float().add_(merged.to(base.device)))
+            report.update_norms[name] = merged.norm().item()
+            a, b = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
+            if momentum == 0.0:
+                init_lora_a_(a, generator, init)
+                b.zero_()
+            else:
+                a.mul_(keep)
+                b.mul_(keep)
+    return report
+
+
+def adapter_parameters(model: torch.nn.Module, adapter_name: str = "default") -> list[torch.nn.Parameter]:
+    """The A and B parameters of every LoRA layer."""
+    params = []
+    for _, layer in lora_layers(model, adapter_name):
+        params += [layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight]
+    return params
+
+
+def reset_optimizer_state(optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor]) -> int:
+    """Zero the optimizer state (moments and step counts) of ``params`` in place.
+
+    Zeroing rather than deleting keeps the state tensors' storage, so memory does not churn at
+    each unload, and an Adam step from zeroed state is exactly the first step of a fresh Adam.
+    The step count matters: with zero moments but step = k, bias correction divides by
+    (1 - beta^k) ~ 1 instead of (1 - beta) and the first update comes out several times too large.
+    Returns the number of parameters whose state was reset.
+    """
+    optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the real one
+    count = 0
+    for p in params:
+        state = optimizer.state.get(p)
+        if not state:
+            continue
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                value.zero_()
+            elif isinstance(value, (int, float)):
+                state[key] = type(value)(0)
+        count += 1
+    return count
+
+
+def periodic_lr_lambda(lr_lambda: Callable[[int], float], period: int) -> Callable[[int], float]:
+    """Restart a learning-rate schedule every ``period`` optimizer steps.
+
+    Each stage then re-runs the configured schedule from its start (constant for the paper,
+    warmup + cosine per stage as an option), and the restart needs no state of its own.
+    """
+    if period <= 0:
+        raise ValueError(f"period must be positive, got {period}")
+
+    # A closure, not a callable object: LambdaLR then keeps it out of its state_dict, so
+    # checkpoints hold only last_epoch, from which the stage position follows.
+    def periodic(step: int) -> float:
+        return lr_lambda(step % period)
+
+    return periodic
+
+
+def steps_per_stage(
+    unload_every_steps: int | None,
+    unload_every_samples: int | None,
+    global_batch_size: int,
+) -> int:
+    """The stage length in optimizer steps, from a period in steps or in training samples.
+
+    One optimizer step consumes ``global_batch_size`` = per-device batch x gradient
+    accumulation x world size samples, so the paper's 4.8k samples at batch 24 is 200 steps.
+    A sample period that is not a multiple of the global batch rounds to the nearest step.
+    """
+    if (unload_every_steps is None) == (unload_every_samples is None):
+        raise ValueError("give exactly one of unload_every_steps and unload_every_samples")
+    if unload_every_steps is not None:
+        if unload_every_steps <= 0:
+            raise ValueError(f"unload_every_steps must be positive, got {unload_every_steps}")
+        return unload_every_steps
+    if unload_every_samples <= 0:
+        raise ValueError(f"unload_every_samples must be positive, got {unload_every_samples}")
+    return max(1, round(unload_every_samples / global_batch_size))
+
+
+def next_stage(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    stage: int,
+    seed: int,
+    momentum: float = 0.0,
+    mode: str = "preserve",
+    init: str = "gaussian",
+    adapter_name: str = "default",
+) -> UnloadReport:
+    """End stage ``stage``: unload the adapters and reset their optimizer state.
+
+    The next stage's A is drawn from ``stage_generator(seed, stage + 1)``. The learning-rate
+    restart needs no call here: the schedule itself is periodic (``periodic_lr_lambda``).
+    """
+    report = unload(model, momentum, mode, stage_generator(seed, stage + 1), init, adapter_name)
+    if optimizer is not None:
+        reset_optimizer_state(optimizer, adapter_parameters(model, adapter_name))
+    return report

@@ -1,0 +1,273 @@
+"""The unloading core: maths, re-initialisation, optimizer reset, schedules, rank."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from fastchat_plora.analyze import update_rank
+from fastchat_plora.plora import (
+    NonFiniteAdapterError,
+    adapter_parameters,
+    lora_layers,
+    next_stage,
+    periodic_lr_lambda,
+    reset_optimizer_state,
+    stage_generator,
+    steps_per_stage,
+    unload,
+)
+from tests.conftest import tiny_lora
+
+INPUT = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(7))
+
+
+def logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=INPUT).logits
+
+
+def snapshot(model) -> dict[str, dict[str, torch.Tensor]]:
+    """Per LoRA layer: base weight W, factors A and B, and scaling s (copies)."""
+    return {
+        name: {
+            "W": layer.get_base_layer().weight.detach().clone(),
+            "A": layer.lora_A["default"].weight.detach().clone(),
+            "B": layer.lora_B["default"].weight.detach().clone(),
+            "s": layer.scaling["default"],
+        }
+        for name, layer in lora_layers(model)
+    }
+
+
+@pytest.mark.parametrize("momentum,mode", [(0.0, "preserve"), (0.3, "preserve"), (0.1, "preserve")])
+def test_logits_unchanged_across_unload(momentum, mode):
+    model = tiny_lora()
+    before = logits(model)
+    unload(model, momentum, mode, stage_generator(0, 1))
+    torch.testing.assert_close(logits(model), before, rtol=1e-5, atol=1e-5)
+
+
+def test_paper_mode_shifts_output_by_m2_minus_m():
+    # The adapter keeps m^2 Delta, so the model computes W + (1 - m + m^2) Delta: not the same function.
+    model = tiny_lora()
+    before = logits(model)
+    unload(model, 0.3, "paper")
+    assert not torch.allclose(logits(model), before, atol=1e-4)
+
+
+def test_unload_on_hand_computed_layer():
+    # One 2x3 layer, r = 1, s = alpha / r = 2, m = 0.5, preserve: every number exact in fp32.
+    layer = torch.nn.Sequential(torch.nn.Linear(3, 2, bias=False))
+    model = get_peft_model(layer, LoraConfig(r=1, lora_alpha=2, target_modules=["0"]))
+    ((_, lora),) = lora_layers(model)
+    with torch.no_grad():
+        lora.get_base_layer().weight.copy_(torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]))
+        lora.lora_A["default"].weight.copy_(torch.tensor([[1.0, 0.0, -1.0]]))
+        lora.lora_B["default"].weight.copy_(torch.tensor([[0.5], [2.0]]))
+    report = unload(model, momentum=0.5, mode="preserve")
+    # Delta = 2 * B @ A = [[1, 0, -1], [4, 0, -4]]; W += 0.5 * Delta.
+    expected = torch.tensor([[1.5, 2.0, 2.5], [6.0, 5.0, 4.0]])
+    assert torch.equal(lora.get_base_layer().weight, expected)
+    assert report.update_norms["base_model.model.0"] == pytest.approx(0.5 * math.sqrt(34))
+    kept = 2 * lora.lora_B["default"].weight @ lora.lora_A["default"].weight
+    torch.testing.assert_close(kept, 0.5 * torch.tensor([[1.0, 0.0, -1.0], [4.0, 0.0, -4.0]]))
+
+
+@pytest.mark.parametrize(
+    "momentum,mode,kept_factor",
+    [(0.0, "preserve", 0.0), (0.3, "preserve", 0.3), (0.3, "paper", 0.09), (0.1, "paper", 0.01)],
+)
+def test_base_weight_gains_one_minus_m_delta(momentum, mode, kept_factor):
+    model = tiny_lora()
+    before = snapshot(model)
+    unload(model, momentum, mode, stage_generator(0, 1))
+    for name, layer in lora_layers(model):
+        old = before[name]
+        delta = old["s"] * old["B"] @ old["A"]
+        torch.testing.assert_close(layer.get_base_layer().weight, old["W"] + (1 - momentum) * delta, rtol=0, atol=1e-6)
+        kept = old["s"] * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+        torch.testing.assert_close(kept, kept_factor * delta, rtol=0, atol=1e-6)
+
+
+def test_m0_unload_zeroes_b_and_redraws_a():
+    model = tiny_lora()
+    before = snapshot(model)
+    unload(model, 0.0, generator=stage_generator(0, 1))
+    for name, layer in lora_layers(model):
+        assert torch.count_nonzero(layer.lora_B["default"].weight) == 0
+        a = layer.lora_A["default"].weight
+        assert not torch.equal(a, before[name]["A"])
+        # PEFT's Gaussian init: std 1 / r.
+        assert a.std().item() == pytest.approx(1 / a.shape[0], rel=0.3)
+
+
+REDRAW_SCRIPT = """
+import hashlib, torch
+from tests.conftest import tiny_lora
+from fastchat_plora.plora import lora_layers, stage_generator, unload
+torch.manual_seed({global_seed})  # the global RNG must not matter
+model = tiny_lora()
+unload(model, 0.0, generator=stage_generator({seed}, 3))
+h = hashlib.sha256()
+for _, layer in lora_layers(model):
+    h.update(layer.lora_A["default"].weight.detach().numpy().tobytes())
+print(h.hexdigest())
+"""
+
+
+def redraw_hash(seed: int, global_seed: int) -> str:
+    script = REDRAW_SCRIPT.format(seed=seed, global_seed=global_seed)
+    return subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True).stdout.strip()
+
+
+def test_redraw_identical_across_processes_and_independent_of_global_rng():
+    first, second = redraw_hash(seed=5, global_seed=1), redraw_hash(seed=5, global_seed=2)
+    assert first == second
+    assert redraw_hash(seed=6, global_seed=1) != first
+
+
+def test_kaiming_init_option_bounds():
+    model = tiny_lora()
+    unload(model, 0.0, generator=stage_generator(0, 1), init="kaiming")
+    for _, layer in lora_layers(model):
+        a = layer.lora_A["default"].weight
+        bound = 1 / math.sqrt(a.shape[1])  # kaiming_uniform with a = sqrt(5)
+        assert a.abs().max() <= bound and a.abs().max() > 0.5 * bound
+
+
+def test_non_finite_adapter_is_refused_before_any_write():
+    model = tiny_lora()
+    before = snapshot(model)
+    last_name, last = list(lora_layers(model))[-1]
+    with torch.no_grad():
+        last.lora_B["default"].weight[0, 0] = float("nan")
+    with pytest.raises(NonFiniteAdapterError, match="lora_B"):
+        unload(model, 0.0, generator=stage_generator(0, 1))
+    for name, layer in lora_layers(model):
+        assert torch.equal(layer.get_base_layer().weight, before[name]["W"])
+
+
+def test_unload_rejects_bad_momentum_and_mode():
+    model = tiny_lora()
+    with pytest.raises(ValueError, match="momentum"):
+        unload(model, 1.0)
+    with pytest.raises(ValueError, match="momentum mode"):
+        unload(model, 0.1, mode="literal")
+    with pytest.raises(ValueError, match="generator"):
+        unload(model, 0.0)
+
+
+def adam_steps(model, optimizer, n: int) -> None:
+    for _ in range(n):
+        optimizer.zero_grad()
+        model(input_ids=INPUT, labels=INPUT).loss.backward()
+        optimizer.step()
+
+
+def test_optimizer_reset_zeroes_adapter_state_only():
+    model = tiny_lora()
+    extra = torch.nn.Parameter(torch.zeros(3))  # stands for any non-adapter group (e.g. full-FT params)
+    adapters = adapter_parameters(model)
+    optimizer = torch.optim.AdamW([{"params": adapters}, {"params": [extra]}], lr=1e-3, betas=(0.9, 0.99))
+    extra.grad = torch.ones(3)
+    adam_steps(model, optimizer, 3)
+    extra_state = {k: v.clone() for k, v in optimizer.state[extra].items()}
+    ids_before = [id(p) for p in adapters]
+
+    assert reset_optimizer_state(optimizer, adapters) == len(adapters)
+    assert [id(p) for p in adapter_parameters(model)] == ids_before
+    for p in adapters:
+        state = optimizer.state[p]
+        assert float(state["step"]) == 0
+        assert torch.count_nonzero(state["exp_avg"]) == 0 and torch.count_nonzero(state["exp_avg_sq"]) == 0
+    for key, value in optimizer.state[extra].items():
+        assert torch.equal(value, extra_state[key])
+
+
+def test_step_after_reset_equals_fresh_adam_first_step():
+    model = tiny_lora()
+    adapters = adapter_parameters(model)
+    optimizer = torch.optim.AdamW(adapters, lr=1e-3, betas=(0.9, 0.99))
+    adam_steps(model, optimizer, 3)
+    reset_optimizer_state(optimizer, adapters)
+    twin = tiny_lora()
+    twin.load_state_dict(model.state_dict())
+    fresh = torch.optim.AdamW(adapter_parameters(twin), lr=1e-3, betas=(0.9, 0.99))
+    adam_steps(model, optimizer, 1)
+    adam_steps(twin, fresh, 1)
+    for p, q in zip(adapters, adapter_parameters(twin)):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-7)
+
+
+def test_reset_that_keeps_step_would_overshoot():
+    # Why `step` must be reset: with zeroed moments but a large step count, bias correction no
+    # longer scales the first moments up, and with beta2 = 0.999 the first update is about
+    # sqrt(1 - 0.999) / (1 - 0.9) = 3.2x a fresh Adam's (which moves each entry by exactly lr).
+    model = tiny_lora()
+    adapters = adapter_parameters(model)
+    optimizer = torch.optim.AdamW(adapters, lr=1e-3, betas=(0.9, 0.999), weight_decay=0.0)
+    adam_steps(model, optimizer, 1)
+    p = adapters[1]  # a B factor: every entry gets a gradient
+    for keep_step, bound in ((True, (2.8e-3, 3.3e-3)), (False, (0.9e-3, 1.0001e-3))):
+        reset_optimizer_state(optimizer, adapters)
+        if keep_step:
+            for q in adapters:
+                optimizer.state[q]["step"].fill_(10_000)
+        before = p.detach().clone()
+        adam_steps(model, optimizer, 1)
+        largest = (p.detach() - before).abs().max().item()
+        assert bound[0] < largest < bound[1], (keep_step, largest)
+
+
+def test_next_stage_unloads_and_resets():
+    model = tiny_lora()
+    adapters = adapter_parameters(model)
+    optimizer = torch.optim.AdamW(adapters, lr=1e-3)
+    adam_steps(model, optimizer, 2)
+    report = next_stage(model, optimizer, stage=0, seed=0)
+    assert len(report.layers) == 14
+    assert all(float(optimizer.state[p]["step"]) == 0 for p in adapters)
+
+
+def test_steps_per_stage_from_steps_and_samples():
+    assert steps_per_stage(200, None, 24) == 200
+    assert steps_per_stage(None, 4800, 24) == 200  # the paper: 4.8k samples at global batch 24
+    assert steps_per_stage(None, 4800, 8 * 3 * 1) == 200  # batch 8, accumulation 3, one rank
+    assert steps_per_stage(None, 16, 2 * 2 * 2) == 2  # batch 2, accumulation 2, two ranks
+    for bad in [(None, None, 24), (5, 5, 24), (0, None, 24), (None, -1, 24)]:
+        with pytest.raises(ValueError):
+            steps_per_stage(*bad)
+
+
+def test_periodic_schedule_restarts_each_stage():
+    from transformers import get_cosine_schedule_with_warmup
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    one_stage = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=2, num_training_steps=10)
+    periodic = periodic_lr_lambda(one_stage.lr_lambdas[0], 10)
+    first = [periodic(s) for s in range(10)]
+    assert first[0] == 0.0 and first[2] == 1.0 and first[9] < 0.1
+    assert [periodic(s) for s in range(10, 20)] == first
+    assert [periodic(s) for s in range(30, 40)] == first
+
+
+@pytest.mark.parametrize("r,stages", [(1, 1), (4, 1), (4, 3), (8, 4), (8, 10)])
+def test_accumulated_update_rank_is_min_tr_d(r, stages):
+    model = tiny_lora(r=r)
+    w0 = {name: layer.get_base_layer().weight.detach().clone() for name, layer in lora_layers(model)}
+    gen = torch.Generator().manual_seed(3)
+    for stage in range(stages):
+        with torch.no_grad():  # stands in for a stage of training: B moves away from zero
+            for _, layer in lora_layers(model):
+                b = layer.lora_B["default"].weight
+                b.copy_(torch.randn(b.shape, generator=gen) * 0.1)
+        unload(model, 0.0, generator=stage_generator(0, stage + 1))
+    for name, layer in lora_layers(model):
+        w = layer.get_base_layer().weight.detach()
+        assert update_rank(w, w0[name], w.dtype).numerical_rank == min(stages * r, *w.shape), name

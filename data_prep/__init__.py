@@ -1,0 +1,1 @@
+"""Data preparation: one script per source, each writing ShareGPT-style conversation JSONL."""

@@ -1,0 +1,215 @@
+"""Command-line and YAML arguments: the dataclasses, the parser, and every check made before work starts.
+
+A config file's keys are exactly the flag names; flags given on the command line override it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from transformers import HfArgumentParser
+from transformers import TrainingArguments as HfTrainingArguments
+
+from fastchat_plora.data import check_conv_template
+from fastchat_plora.models import DTYPES
+from fastchat_plora.plora import INIT_METHODS, MOMENTUM_MODES
+
+ALL_LINEAR = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # the paper's seven layers
+FINETUNE_MODES = ("full", "lora", "plora")
+
+
+class ConfigError(ValueError):
+    """An argument or config value that cannot work; the message names the key and the value."""
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Hub id, local HF directory or .gguf file. Default: the embedded SmolLM2-135M-Instruct."},
+    )
+    model_dtype: str = field(
+        default="float32",
+        metadata={"help": f"Dtype the base weights are loaded in: {', '.join(DTYPES)}. Use --bf16 for autocast."},
+    )
+    attn_implementation: str = field(
+        default="sdpa", metadata={"help": "Attention kernel: sdpa, eager, or flash_attention_2 where installed."}
+    )
+
+
+@dataclass
+class DataArguments:
+    data_path: str | None = field(
+        default=None, metadata={"help": "ShareGPT-style conversations, JSON or JSONL (see data_prep/)."}
+    )
+    conv_template: str | None = field(
+        default=None,
+        metadata={"help": "FastChat template name (e.g. vicuna_v1.1). Default: the tokenizer's chat template."},
+    )
+    model_max_length: int = field(default=1024, metadata={"help": "Conversations are truncated to this many tokens."})
+
+
+@dataclass
+class LoraArguments:
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank r (the paper: 1 and 8)."})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha; the update is scaled by alpha / r."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
+    lora_target_modules: str = field(
+        default=ALL_LINEAR, metadata={"help": "Comma-separated module names to adapt (default: all seven linear)."}
+    )
+    lora_init: str = field(
+        default="gaussian", metadata={"help": f"How A is drawn at each stage: {', '.join(INIT_METHODS)}."}
+    )
+
+
+@dataclass
+class PLoRAArguments:
+    finetune_mode: str = field(
+        default="plora", metadata={"help": "full (all weights), lora (one adapter), or plora (periodic unloading)."}
+    )
+    unload_every_steps: int | None = field(
+        default=None, metadata={"help": "plora: unload every K optimizer steps (give this or the next)."}
+    )
+    unload_every_samples: int | None = field(
+        default=None,
+        metadata={"help": "plora: unload every N training samples, counted in optimizer steps (paper: 4800)."},
+    )
+    unload_momentum: float = field(
+        default=0.0, metadata={"help": "Momentum m in [0, 1): merge (1 - m) of B·A, keep the rest in the adapter."}
+    )
+    momentum_mode: str = field(
+        default="preserve",
+        metadata={"help": "preserve: adapter keeps m·BA, output unchanged; paper: A,B scaled by m (keeps m²·BA)."},
+    )
+
+
+@dataclass
+class TrainingArguments(HfTrainingArguments):
+    """HF's TrainingArguments with the paper's defaults and the flags transformers 5 dropped."""
+
+    learning_rate: float = field(default=1e-4, metadata={"help": "Peak learning rate (paper: 1e-4)."})
+    lr_scheduler_type: str = field(
+        default="constant", metadata={"help": "Schedule; in plora mode it restarts at every stage (paper: constant)."}
+    )
+    adam_beta2: float = field(default=0.99, metadata={"help": "AdamW beta2 (paper: 0.99)."})
+    logging_steps: float = field(default=10, metadata={"help": "Log the training loss every N steps."})
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Allow writing into an --output_dir that already holds a run."}
+    )
+
+
+ARG_CLASSES = (ModelArguments, DataArguments, LoraArguments, PLoRAArguments, TrainingArguments)
+
+
+def field_names() -> set[str]:
+    return {f.name for cls in ARG_CLASSES for f in dataclasses.fields(cls) if f.init}
+
+
+def load_config(path: str) -> dict:
+    """Read a YAML config whose keys are flag names; unknown keys are errors naming the key."""
+    if not Path(path).is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        config = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config {path} is not valid YAML: {e}".splitlines()[0]) from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"config {path} must be a mapping of flag names to values")
+    known = field_names()
+    for key in config:
+        if key not in known:
+            raise ConfigError(f"unknown config key {key!r} in {path}")
+    if isinstance(config.get("lora_target_modules"), list):
+        config["lora_target_modules"] = ",".join(config["lora_target_modules"])
+    return config
+
+
+def config_to_argv(config: dict) -> list[str]:
+    """Turn config entries into flags, so argparse type-checks them exactly like typed flags."""
+    argv = []
+    for key, value in config.items():
+        if value is None:
+            continue
+        values = value if isinstance(value, list) else [value]
+        argv += [f"--{key}", *(str(v) for v in values)]
+    return argv
+
+
+def parse_args(argv: list[str] | None = None) -> tuple:
+    """Parse flags over an optional --config YAML; returns the five argument dataclasses.
+
+    The config's entries become flags placed before the command line's, and argparse keeps the
+    last value given, so flags override the file.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    known, rest = pre.parse_known_args(argv)
+    if known.config:
+        rest = config_to_argv(load_config(known.config)) + rest
+    parser = HfArgumentParser(ARG_CLASSES)
+    parser.add_argument("--config", default=None, help="YAML file whose keys are these flag names.")
+    return tuple(parser.parse_args_into_dataclasses(args=rest)[: len(ARG_CLASSES)])
+
+
+def validate(model_args, data_args, lora_args, plora_args, training_args) -> None:
+    """Check every argument that can be checked before loading anything; raise ConfigError."""
+    mode = plora_args.finetune_mode
+    if mode not in FINETUNE_MODES:
+        raise ConfigError(f"finetune_mode={mode!r}: expected one of {FINETUNE_MODES}")
+    if model_args.model_dtype not in DTYPES:
+        raise ConfigError(f"model_dtype={model_args.model_dtype!r}: expected one of {tuple(DTYPES)}")
+    if data_args.data_path is None:
+        raise ConfigError("data_path is required (a ShareGPT JSON/JSONL file; see data_prep/)")
+    if data_args.conv_template is not None:
+        check_conv_template(data_args.conv_template)
+    if data_args.model_max_length <= 0:
+        raise ConfigError(f"model_max_length={data_args.model_max_length}: must be positive")
+    if mode != "full":
+        if lora_args.lora_r <= 0:
+            raise ConfigError(f"lora_r={lora_args.lora_r}: must be a positive integer")
+        if not 0.0 <= lora_args.lora_dropout < 1.0:
+            raise ConfigError(f"lora_dropout={lora_args.lora_dropout}: must be in [0, 1)")
+        if not target_modules(lora_args):
+            raise ConfigError(f"lora_target_modules={lora_args.lora_target_modules!r}: names no module")
+        if lora_args.lora_init not in INIT_METHODS:
+            raise ConfigError(f"lora_init={lora_args.lora_init!r}: expected one of {INIT_METHODS}")
+    if mode == "plora":
+        steps, samples = plora_args.unload_every_steps, plora_args.unload_every_samples
+        if (steps is None) == (samples is None):
+            raise ConfigError(
+                f"plora mode needs exactly one of unload_every_steps and unload_every_samples "
+                f"(got unload_every_steps={steps}, unload_every_samples={samples})"
+            )
+        for key, value in (("unload_every_steps", steps), ("unload_every_samples", samples)):
+            if value is not None and value <= 0:
+                raise ConfigError(f"{key}={value}: must be positive")
+        if not 0.0 <= plora_args.unload_momentum < 1.0:
+            raise ConfigError(f"unload_momentum={plora_args.unload_momentum}: must be in [0, 1)")
+        if plora_args.momentum_mode not in MOMENTUM_MODES:
+            raise ConfigError(f"momentum_mode={plora_args.momentum_mode!r}: expected one of {MOMENTUM_MODES}")
+    check_output_dir(training_args)
+
+
+def target_modules(lora_args) -> list[str]:
+    return [name.strip() for name in lora_args.lora_target_modules.split(",") if name.strip()]
+
+
+def check_output_dir(training_args) -> None:
+    """Refuse to write into a directory that already holds a run, unless resuming or overwriting."""
+    out = training_args.output_dir
+    if out is None:
+        raise ConfigError("output_dir is required")
+    if os.path.isfile(out):
+        raise ConfigError(f"output_dir={out!r} is a file")
+    holds_run = os.path.isdir(out) and any(os.scandir(out))
+    if holds_run and not (training_args.overwrite_output_dir or training_args.resume_from_checkpoint):
+        raise ConfigError(
+            f"output_dir={out!r} already holds a run; pass --overwrite_output_dir or --resume_from_checkpoint"
+        )

@@ -1,0 +1,187 @@
+"""Fine-tune a causal LM with full fine-tuning, LoRA or PeriodicLoRA (PLoRA).
+
+    python -m fastchat_plora.train_plora --config configs/demo_smollm2_gsm8k.yaml --output_dir runs/demo
+    plora-train --data_path mix.jsonl --output_dir out --finetune_mode plora --unload_every_samples 4800
+
+Reads top to bottom: parse -> model -> adapters -> data -> trainer + PLoRA callback -> train -> save.
+The output directory ends as a plain HF model (base plus every merged update), with the unload
+events (`unload_events.jsonl`), the arguments (`run_args.json`) and a summary (`summary.json`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import DataCollatorForSeq2Seq, PreTrainedModel
+
+from fastchat_plora.analyze import update_rank
+from fastchat_plora.args import ConfigError, parse_args, target_modules, validate
+from fastchat_plora.callback import PLoRACallback, PLoRATrainer
+from fastchat_plora.data import load_conversations, make_dataset
+from fastchat_plora.models import load_model, load_tokenizer, resolve_model_path, save_model
+from fastchat_plora.plora import reinit_adapters, stage_generator, steps_per_stage
+
+logger = logging.getLogger("fastchat_plora")
+EVENTS_FILE = "unload_events.jsonl"
+
+
+def add_adapters(model: PreTrainedModel, lora_args, seed: int) -> torch.nn.Module:
+    """Wrap the model with LoRA adapters on the target modules; stage 0's A comes from (seed, 0)."""
+    targets = target_modules(lora_args)
+    leaf_names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [t for t in targets if t not in leaf_names]
+    if missing:
+        raise ConfigError(f"lora_target_modules: {','.join(missing)} matches no layer of the model")
+    config = LoraConfig(
+        r=lora_args.lora_r,
+        lora_alpha=lora_args.lora_alpha,
+        lora_dropout=lora_args.lora_dropout,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, config)
+    # Draw the first adapter from the stage generator too, so every rank and every rerun agree.
+    reinit_adapters(model, stage_generator(seed, 0), lora_args.lora_init)
+    return model
+
+
+def probe_layer(model: torch.nn.Module, lora_args) -> tuple[str, torch.Tensor]:
+    """The first adapted weight (or the first linear weight in full mode) and a copy of it, W_0."""
+    targets = set(target_modules(lora_args))
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in targets:
+            weight = module.get_base_layer().weight if hasattr(module, "get_base_layer") else module.weight
+            return name.removeprefix("base_model.model."), weight.detach().float().cpu().clone()
+    raise ConfigError("no target layer to measure the update rank on")
+
+
+def stage_length(plora_args, training_args) -> int | None:
+    if plora_args.finetune_mode != "plora":
+        return None
+    global_batch = (
+        training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * training_args.world_size
+    )
+    return steps_per_stage(plora_args.unload_every_steps, plora_args.unload_every_samples, global_batch)
+
+
+def loss_by_stage(log_history: list[dict], stage_steps: int | None) -> dict[int, float]:
+    """Mean logged training loss per stage (a single stage 0 for full and lora)."""
+    losses = defaultdict(list)
+    for entry in log_history:
+        if "loss" in entry:
+            losses[(entry["step"] - 1) // stage_steps if stage_steps else 0].append(entry["loss"])
+    return {stage: sum(v) / len(v) for stage, v in sorted(losses.items())}
+
+
+def main(model_args, data_args, lora_args, plora_args, training_args) -> dict:
+    """Train and save; returns the run summary. Every check runs before output_dir is written."""
+    validate(model_args, data_args, lora_args, plora_args, training_args)
+    mode = plora_args.finetune_mode
+    if mode == "plora" and training_args.resume_from_checkpoint:
+        raise ConfigError(
+            "resume_from_checkpoint is not supported in plora mode yet: HF checkpoints hold the live "
+            "adapter but not the base weights the earlier stages were merged into"
+        )
+
+    conversations = load_conversations(data_args.data_path)  # bad data fails before any model loads
+    model_path = resolve_model_path(model_args.model_name_or_path)
+    tokenizer = load_tokenizer(model_path, data_args.model_max_length)
+    model = load_model(model_path, model_args.model_dtype, model_args.attn_implementation)
+    if mode != "full":
+        model = add_adapters(model, lora_args, training_args.seed)
+    probe_name, w0 = probe_layer(model, lora_args)
+    dataset = make_dataset(conversations, tokenizer, data_args.model_max_length, data_args.conv_template)
+    stage_steps = stage_length(plora_args, training_args)
+
+    output_dir = Path(training_args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / EVENTS_FILE).unlink(missing_ok=True)
+    callbacks = []
+    if mode != "full":
+        callbacks.append(
+            PLoRACallback(
+                stage_steps,
+                plora_args.unload_momentum,
+                plora_args.momentum_mode,
+                lora_args.lora_init,
+                training_args.seed,
+                output_dir / EVENTS_FILE,
+            )
+        )
+    trainer = PLoRATrainer(
+        model=model,
+        args=training_args,
+        train_dataset=dataset,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True),
+        processing_class=tokenizer,
+        callbacks=callbacks,
+        stage_steps=stage_steps,
+    )
+    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+
+    # The callback's final unload left every adapter merged and B = 0; drop the LoRA layers.
+    final_model = model.unload() if mode != "full" else model
+    if trainer.is_world_process_zero():
+        save_model(final_model, tokenizer, output_dir)
+    w_final = final_model.get_submodule(probe_name).weight
+    rank = update_rank(w_final.detach().cpu(), w0, w_final.dtype)
+    summary = {
+        "finetune_mode": mode,
+        "output_dir": str(output_dir),
+        "steps": trainer.state.global_step,
+        "stage_steps": stage_steps,
+        "stages": -(-trainer.state.global_step // stage_steps) if stage_steps else 1,
+        "train_loss": result.training_loss,
+        "loss_by_stage": loss_by_stage(trainer.state.log_history, stage_steps),
+        "rank_probe": {"layer": probe_name, **dataclasses.asdict(rank)},
+    }
+    if trainer.is_world_process_zero():
+        write_run_files(output_dir, (model_args, data_args, lora_args, plora_args, training_args), summary)
+    return summary
+
+
+def write_run_files(output_dir: Path, arg_objects: tuple, summary: dict) -> None:
+    args = {}
+    for obj in arg_objects:
+        args.update(obj.to_dict() if hasattr(obj, "to_dict") else dataclasses.asdict(obj))
+    (output_dir / "run_args.json").write_text(json.dumps(args, indent=2, default=str))
+    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+
+
+def format_summary(summary: dict) -> str:
+    probe = summary["rank_probe"]
+    lines = [
+        f"{summary['finetune_mode']}: {summary['steps']} steps in {summary['stages']} stage(s), "
+        f"mean train loss {summary['train_loss']:.4f}",
+        "loss by stage: " + ", ".join(f"{s}: {v:.4f}" for s, v in summary["loss_by_stage"].items()),
+        f"rank of W_T - W_0 for {probe['layer']}: {probe['numerical_rank']} "
+        f"(top singular values {', '.join(f'{x:.3g}' for x in probe['top_singular_values'])})",
+        f"model saved to {summary['output_dir']} (a plain HF model: AutoModelForCausalLM.from_pretrained)",
+    ]
+    return "\n".join(lines)
+
+
+def cli(argv: list[str] | None = None) -> int:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    try:
+        # TrainingArguments checks its own values (bf16 without support, bad strategies) with
+        # ValueError while parsing: those are the user's input too.
+        args = parse_args(argv)
+        summary = main(*args)
+    except (ValueError, FileNotFoundError) as e:  # ConfigError and DataError are ValueErrors
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args[4].process_index == 0:
+        print("\n" + format_summary(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

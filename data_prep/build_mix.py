@@ -1,0 +1,173 @@
+"""Build the paper's instruction mix: Orca, code-alpaca, GSM8K train and ARC train, deduplicated,
+filtered against the evaluation test sets, shuffled by seed.
+
+    python -m data_prep.build_mix --output_dir data/mix [--data_dir ../shared/data] [--seed 42]
+
+Writes OUT/mix.jsonl (ShareGPT conversations) and OUT/manifest.json: per source the rows read,
+malformed (with where), converted, kept, and dropped by reason; the sha256 of every input file
+(or the hub dataset and its fingerprint) and of the output; the seed and tool versions. Both files
+are replaced atomically. Sources come from --data_dir (default: ../shared/data when it exists) in
+their original formats, or from the dataset hub (`--data_dir hub`); --tulu_path reads the Orca and
+code-alpaca parts from a local copy of the Tülu v2 mixture instead.
+
+Deduplication keeps the first occurrence, in source order (orca, code_alpaca, gsm8k, arc), of
+each conversation, exactly and after normalising its text (case, punctuation, white space). The
+contamination filter drops a training conversation whose question, normalised, equals a GSM8K,
+ARC or MMLU test question.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import random
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+from data_prep import arc, code_alpaca, gsm8k, orca
+from data_prep.benchmarks import test_questions
+from data_prep.common import SourceError, Tally, default_data_dir, normalize, sha256_file, write_jsonl
+
+SOURCES = {"orca": orca, "code_alpaca": code_alpaca, "gsm8k": gsm8k, "arc": arc}
+PAPER_TOTAL = 60542
+STAND_IN_SHARE = 0.9  # a source with fewer rows than this share of the paper's is reported as a stand-in
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output_dir", required=True, help="where mix.jsonl and manifest.json go")
+    parser.add_argument(
+        "--data_dir", default=None, help="local mirror (default: ../shared/data if present); 'hub' for the hub"
+    )
+    parser.add_argument(
+        "--tulu_path", default=None, help="local Tülu v2 mixture JSONL for the Orca and code-alpaca parts"
+    )
+    parser.add_argument("--seed", type=int, default=42, help="shuffle seed")
+    parser.add_argument(
+        "--max_bad_fraction", type=float, default=0.01, help="fail when a source has more malformed rows"
+    )
+    parser.add_argument(
+        "--expect_paper_counts", action="store_true", help="fail unless every source has the paper's count"
+    )
+    return parser.parse_args(argv)
+
+
+def read_sources(data_dir: Path | None, tulu_path: Path | None) -> tuple[dict, dict[str, Tally]]:
+    examples, tallies = {}, {}
+    for name, module in SOURCES.items():
+        tallies[name] = Tally()
+        extra = {"tulu_path": tulu_path} if tulu_path is not None and name in ("orca", "code_alpaca") else {}
+        examples[name] = list(module.examples(data_dir, tallies[name], **extra))
+    return examples, tallies
+
+
+def check_counts(examples: dict, tallies: dict[str, Tally], max_bad: float, expect_paper: bool) -> None:
+    for name, tally in tallies.items():
+        bad = len(tally.malformed)
+        if tally.read and bad / tally.read > max_bad:
+            raise SourceError(f"{name}: {bad} of {tally.read} rows malformed, over --max_bad_fraction {max_bad}")
+        if expect_paper and len(examples[name]) != SOURCES[name].PAPER_COUNT:
+            raise SourceError(f"{name}: {len(examples[name])} conversations, the paper has {SOURCES[name].PAPER_COUNT}")
+
+
+def filter_examples(examples: dict, tallies: dict[str, Tally], tests: dict[str, set[str]]) -> list[dict]:
+    """Drop duplicates (exact, then normalised) and test-set questions; keep source order."""
+    kept, seen_exact, seen_norm = [], set(), set()
+    for name, source_examples in examples.items():
+        for ex in source_examples:
+            turns = json.dumps(ex.record["conversations"], ensure_ascii=False, sort_keys=True)
+            norm = normalize(" ".join(t["value"] for t in ex.record["conversations"]))
+            question = normalize(ex.question)
+            hit = next((bench for bench, qs in tests.items() if question in qs), None)
+            if turns in seen_exact:
+                tallies[name].dropped["duplicate (exact)"] += 1
+            elif norm in seen_norm:
+                tallies[name].dropped["duplicate (normalised)"] += 1
+            elif hit:
+                tallies[name].dropped[f"contaminated ({hit} test)"] += 1
+            else:
+                kept.append({**ex.record, "source": name})
+            seen_exact.add(turns)
+            seen_norm.add(norm)
+    return kept
+
+
+def versions() -> dict:
+    found = {"python": platform.python_version()}
+    for package in ("datasets", "fastchat_plora"):
+        try:
+            found[package] = __import__(package).__version__
+        except ImportError:
+            pass
+    return found
+
+
+def build(args: argparse.Namespace) -> dict:
+    start = time.perf_counter()
+    data_dir = None if args.data_dir == "hub" else Path(args.data_dir) if args.data_dir else default_data_dir()
+    tulu_path = Path(args.tulu_path) if args.tulu_path else None
+    examples, tallies = read_sources(data_dir, tulu_path)
+    check_counts(examples, tallies, args.max_bad_fraction, args.expect_paper_counts)
+    mix = filter_examples(examples, tallies, test_questions(data_dir))
+    if not mix:
+        raise SourceError("the mix is empty: every conversation was dropped")
+    random.Random(args.seed).shuffle(mix)
+
+    out = Path(args.output_dir)
+    write_jsonl(mix, out / "mix.jsonl")
+    kept = Counter(r["source"] for r in mix)
+    manifest = {
+        "output": {"path": "mix.jsonl", "conversations": len(mix), "sha256": sha256_file(out / "mix.jsonl")},
+        "seed": args.seed,
+        "data_dir": str(data_dir) if data_dir else "hub",
+        "paper_total": PAPER_TOTAL,
+        "sources": {
+            name: {
+                "read": tally.read,
+                "malformed": len(tally.malformed),
+                "malformed_where": tally.malformed[:100],
+                "converted": len(examples[name]),
+                "kept": kept[name],
+                "dropped": dict(tally.dropped),
+                "paper_count": SOURCES[name].PAPER_COUNT,
+                "stand_in": len(examples[name]) < STAND_IN_SHARE * SOURCES[name].PAPER_COUNT,
+                "inputs": tally.inputs,
+            }
+            for name, tally in tallies.items()
+        },
+        "versions": versions(),
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+    manifest_tmp = out / ".manifest.json.tmp"
+    manifest_tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
+    manifest_tmp.replace(out / "manifest.json")
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    args = parse(argv)
+    try:
+        manifest = build(args)
+    except SourceError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{'source':12s} {'read':>7s} {'bad':>5s} {'kept':>7s} {'paper':>7s}  dropped")
+    for name, s in manifest["sources"].items():
+        note = "  (stand-in)" if s["stand_in"] else ""
+        print(
+            f"{name:12s} {s['read']:7d} {s['malformed']:5d} {s['kept']:7d} {s['paper_count']:7d}  {s['dropped']}{note}"
+        )
+    print(
+        f"wrote {manifest['output']['conversations']} conversations to {args.output_dir}/mix.jsonl "
+        f"in {manifest['seconds']} s (paper: {PAPER_TOTAL})"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -47,6 +47,7 @@ class UnloadReport:
     momentum: float
     mode: str
     update_norms: dict[str, float] = field(default_factory=dict)
+    skipped: bool = False  # True when a non-finite adapter was discarded instead of merged
 
     @property
     def layers(self) -> list[str]:
@@ -125,6 +126,30 @@ def _check_finite(layers: list[tuple[str, LoraLayer]], adapter_name: str) -> Non
                 raise NonFiniteAdapterError(f"{name}.{factor} holds NaN or Inf; refusing to merge it")
 
 
+def compensated_add_(weight: torch.Tensor, update: torch.Tensor, compensation: torch.Tensor | None) -> None:
+    """weight += update, rounding once to weight's dtype; with Kahan compensation when given.
+
+    A bf16 weight cannot hold an update smaller than half its rounding step, so repeated merges
+    lose the small ones and fill W_T - W_0 with rounding noise. The compensation buffer (same
+    dtype and device as the weight) carries what each rounding dropped into the next merge:
+        y = update - c;  t = round(w + y);  c = (t - w) - y;  w = t
+    The arithmetic runs in fp32; c is stored in the weight's dtype, which is enough because c is
+    below one rounding step of w and only its leading bits matter.
+    """
+    w = weight.float()
+    if compensation is None:
+        weight.copy_(w.add_(update))
+        return
+    y = update - compensation.float()
+    t = (w + y).to(weight.dtype)
+    compensation.copy_((t.float() - w).sub_(y))
+    weight.copy_(t)
+
+
+def needs_compensation(weight: torch.Tensor) -> bool:
+    return weight.dtype in (torch.bfloat16, torch.float16)
+
+
 def unload(
     model: torch.nn.Module,
     momentum: float = 0.0,
@@ -132,11 +157,13 @@ def unload(
     generator: torch.Generator | None = None,
     init: str = "gaussian",
     adapter_name: str = "default",
+    compensation: dict[str, torch.Tensor] | None = None,
 ) -> UnloadReport:
     """Merge (1 - momentum) of every adapter into its base weight and start the next stage.
 
     See the module docstring for the maths. ``generator`` is required when ``momentum == 0``
-    (A is re-drawn from it) and unused otherwise.
+    (A is re-drawn from it) and unused otherwise. ``compensation``, when given, holds the Kahan
+    buffers of the bf16/fp16 base weights by layer name; missing ones are created (zero).
     """
     if not 0.0 <= momentum < 1.0:
         raise ValueError(f"momentum must be in [0, 1), got {momentum}")
@@ -155,8 +182,11 @@ def unload(
     with torch.no_grad():
         for name, layer in layers:
             base = layer.get_base_layer().weight
-            merged = delta_weight(layer, adapter_name).mul_(1.0 - momentum)
-            base.copy_(base.float().add_(merged.to(base.device)))
+            merged = delta_weight(layer, adapter_name).mul_(1.0 - momentum).to(base.device)
+            comp = None
+            if compensation is not None and needs_compensation(base):
+                comp = compensation.setdefault(name, torch.zeros_like(base))
+            compensated_add_(base, merged, comp)
             report.update_norms[name] = merged.norm().item()
             a, b = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
             if momentum == 0.0:
@@ -248,13 +278,21 @@ def next_stage(
     mode: str = "preserve",
     init: str = "gaussian",
     adapter_name: str = "default",
+    compensation: dict[str, torch.Tensor] | None = None,
 ) -> UnloadReport:
     """End stage ``stage``: unload the adapters and reset their optimizer state.
 
     The next stage's A is drawn from ``stage_generator(seed, stage + 1)``. The learning-rate
     restart needs no call here: the schedule itself is periodic (``periodic_lr_lambda``).
+    An adapter holding NaN or Inf is not merged: every adapter is re-initialised instead, the
+    base weights stay as they were, and the report says ``skipped``.
     """
-    report = unload(model, momentum, mode, stage_generator(seed, stage + 1), init, adapter_name)
+    generator = stage_generator(seed, stage + 1)
+    try:
+        report = unload(model, momentum, mode, generator, init, adapter_name, compensation)
+    except NonFiniteAdapterError:
+        reinit_adapters(model, generator, init, adapter_name)
+        report = UnloadReport(momentum=momentum, mode=mode, skipped=True)
     if optimizer is not None:
         reset_optimizer_state(optimizer, adapter_parameters(model, adapter_name))
     return report

@@ -14,6 +14,7 @@ from fastchat_plora.analyze import update_rank
 from fastchat_plora.plora import (
     NonFiniteAdapterError,
     adapter_parameters,
+    compensated_add_,
     lora_layers,
     next_stage,
     periodic_lr_lambda,
@@ -271,3 +272,67 @@ def test_accumulated_update_rank_is_min_tr_d(r, stages):
     for name, layer in lora_layers(model):
         w = layer.get_base_layer().weight.detach()
         assert update_rank(w, w0[name], w.dtype).numerical_rank == min(stages * r, *w.shape), name
+
+
+def merge_many(n: int, rank: int, scale: float, same_direction: bool, seed: int = 0):
+    """Merge n small low-rank updates into bf16 weights, plainly and compensated; fp64 reference."""
+    gen = torch.Generator().manual_seed(seed)
+    w0 = torch.randn(64, 64, generator=gen).to(torch.bfloat16)
+    plain, kahan, comp, reference = w0.clone(), w0.clone(), torch.zeros_like(w0), w0.double()
+    u, v = torch.randn(64, rank, generator=gen), torch.randn(rank, 64, generator=gen)
+    for _ in range(n):
+        if not same_direction:
+            u, v = torch.randn(64, rank, generator=gen), torch.randn(rank, 64, generator=gen)
+        update = (u @ v) * scale
+        reference += update.double()
+        compensated_add_(plain, update, None)
+        compensated_add_(kahan, update, comp)
+    total = (reference - w0.double()).norm()
+
+    def error(w):
+        return ((w.double() - reference).norm() / total).item()
+
+    # The best any bf16 weight can do: the fp64 result rounded to bf16 once.
+    return error(plain), error(kahan), error(reference.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("rank,scale,same_direction", [(1, 1e-3, True), (4, 2e-3, False), (4, 1e-2, False)])
+def test_compensated_merges_match_one_final_rounding(rank, scale, same_direction):
+    plain, kahan, best = merge_many(200, rank, scale, same_direction)
+    # Within 5% of rounding the exact sum once (the bf16-stored compensation costs the rest).
+    assert kahan <= best * 1.05
+    assert plain > 2.5 * kahan  # without compensation the merges drift
+
+
+def test_tiny_merges_vanish_without_compensation():
+    # 200 merges of 1e-3 into weights near 1 (half a bf16 step there is 3.9e-3): each plain merge
+    # is rounded away, while the compensated sum, 0.2 per unit direction, survives.
+    plain, kahan, best = merge_many(200, 1, 1e-3, True)
+    assert plain > 0.5 and kahan < 0.02
+
+
+def test_unload_compensates_only_low_precision_weights():
+    model = tiny_lora()
+    first_name, first = next(lora_layers(model))
+    first.get_base_layer().weight.data = first.get_base_layer().weight.data.to(torch.bfloat16)
+    compensation = {}
+    unload(model, 0.0, generator=stage_generator(0, 1), compensation=compensation)
+    assert list(compensation) == [first_name]
+    assert compensation[first_name].dtype == torch.bfloat16
+
+
+def test_non_finite_stage_is_discarded_not_merged():
+    model = tiny_lora()
+    before = snapshot(model)
+    optimizer = torch.optim.AdamW(adapter_parameters(model), lr=1e-3)
+    adam_steps(model, optimizer, 1)
+    _, last = list(lora_layers(model))[-1]
+    with torch.no_grad():
+        last.lora_A["default"].weight[0, 0] = float("inf")
+    report = next_stage(model, optimizer, stage=0, seed=0)
+    assert report.skipped and not report.update_norms
+    for name, layer in lora_layers(model):
+        assert torch.equal(layer.get_base_layer().weight, before[name]["W"])
+        assert torch.count_nonzero(layer.lora_B["default"].weight) == 0
+        assert torch.isfinite(layer.lora_A["default"].weight).all()
+    assert all(float(optimizer.state[p]["step"]) == 0 for p in adapter_parameters(model))

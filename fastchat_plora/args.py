@@ -16,6 +16,7 @@ import yaml
 from transformers import HfArgumentParser
 from transformers import TrainingArguments as HfTrainingArguments
 
+from fastchat_plora.checkpoint import is_complete, latest_checkpoint
 from fastchat_plora.data import check_conv_template
 from fastchat_plora.models import DTYPES
 from fastchat_plora.plora import INIT_METHODS, MOMENTUM_MODES
@@ -86,6 +87,16 @@ class PLoRAArguments:
     momentum_mode: str = field(
         default="preserve",
         metadata={"help": "preserve: adapter keeps m·BA, output unchanged; paper: A,B scaled by m (keeps m²·BA)."},
+    )
+    merge_compensation: str = field(
+        default="auto",
+        metadata={
+            "help": "Kahan-compensated merges into bf16/fp16 base weights (auto: on for those dtypes; on; off). "
+            "Costs one buffer of the weights' dtype per adapted weight."
+        },
+    )
+    max_bad_stages: int = field(
+        default=3, metadata={"help": "Stop after this many consecutive stages end with NaN/Inf adapters."}
     )
 
 
@@ -194,11 +205,33 @@ def validate(model_args, data_args, lora_args, plora_args, training_args) -> Non
             raise ConfigError(f"unload_momentum={plora_args.unload_momentum}: must be in [0, 1)")
         if plora_args.momentum_mode not in MOMENTUM_MODES:
             raise ConfigError(f"momentum_mode={plora_args.momentum_mode!r}: expected one of {MOMENTUM_MODES}")
+    if plora_args.merge_compensation not in ("auto", "on", "off"):
+        raise ConfigError(f"merge_compensation={plora_args.merge_compensation!r}: expected auto, on or off")
+    if plora_args.max_bad_stages < 1:
+        raise ConfigError(f"max_bad_stages={plora_args.max_bad_stages}: must be at least 1")
     check_output_dir(training_args)
 
 
 def target_modules(lora_args) -> list[str]:
     return [name.strip() for name in lora_args.lora_target_modules.split(",") if name.strip()]
+
+
+def resolve_resume(training_args) -> Path | None:
+    """The checkpoint to resume from: a path, or `latest` for the newest complete one in output_dir."""
+    value = training_args.resume_from_checkpoint
+    if not value or str(value).lower() == "false":
+        return None
+    if str(value).lower() in ("latest", "true"):
+        found = latest_checkpoint(training_args.output_dir)
+        if found is None:
+            raise ConfigError(f"resume_from_checkpoint={value}: no complete checkpoint in {training_args.output_dir}")
+        return found
+    path = Path(value)
+    if not path.is_dir():
+        raise ConfigError(f"resume_from_checkpoint={value}: no such directory")
+    if not is_complete(path):
+        raise ConfigError(f"resume_from_checkpoint={value}: not a complete checkpoint (no trainer_state.json)")
+    return path
 
 
 def check_output_dir(training_args) -> None:

@@ -1,4 +1,5 @@
-"""The Trainer glue: decide when a stage ends and call the core; restart the schedule per stage.
+"""The Trainer glue: decide when a stage ends and call the core; restart the schedule per stage;
+write checkpoints atomically with the state exact resume needs; stop cleanly when preempted.
 
 No maths here: what an unload does lives in `plora.py`.
 """
@@ -7,14 +8,43 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
+import signal
 from pathlib import Path
 
+import torch
+from peft import PeftModel
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import Trainer, TrainerCallback
 
+from fastchat_plora.checkpoint import load_plora_state, save_plora_state
 from fastchat_plora.plora import UnloadReport, next_stage, periodic_lr_lambda
 
 logger = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive stages ended with NaN or Inf in the adapters."""
+
+
+class StopRequest:
+    """Set by SIGTERM (cluster preemption): the callback then saves a checkpoint and stops."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def install(self) -> None:
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def uninstall(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def _handle(self, signum, frame) -> None:
+        logger.warning("SIGTERM: saving a checkpoint after this step, then stopping")
+        self.requested = True
 
 
 class PLoRACallback(TrainerCallback):
@@ -34,30 +64,61 @@ class PLoRACallback(TrainerCallback):
         init: str = "gaussian",
         seed: int = 0,
         events_path: str | Path | None = None,
+        compensation: dict[str, torch.Tensor] | None = None,
+        max_bad_stages: int = 3,
+        stop: StopRequest | None = None,
     ):
         self.stage_steps = stage_steps
         self.momentum, self.mode, self.init, self.seed = momentum, mode, init, seed
         self.events_path = Path(events_path) if events_path else None
+        self.compensation = compensation
+        self.max_bad_stages = max_bad_stages
+        self.stop = stop
+        self.bad_stages = 0
+        self.preempted = False
         self.events: list[dict] = []
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         step = state.global_step
         if self.stage_steps and step % self.stage_steps == 0 and step < state.max_steps:
-            stage = step // self.stage_steps - 1
-            report = next_stage(model, optimizer, stage, self.seed, self.momentum, self.mode, self.init)
-            self._record(state, stage, report, final=False)
+            self._unload(state, model, optimizer, step // self.stage_steps - 1, self.momentum, final=False)
+        if self.stop is not None and self.stop.requested and step < state.max_steps:
+            control.should_save = True
+            control.should_training_stop = True
+            self.preempted = True
 
     def on_train_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if self.preempted:  # the checkpoint holds the live adapter; a resumed run finishes the stage
+            return
         step = state.global_step
         stage = (step - 1) // self.stage_steps if self.stage_steps else 0
-        report = next_stage(model, None, stage, self.seed, 0.0, self.mode, self.init)
-        self._record(state, stage, report, final=True)
+        self._unload(state, model, None, stage, 0.0, final=True)
+
+    def _unload(self, state, model, optimizer, stage: int, momentum: float, final: bool) -> None:
+        report = next_stage(
+            model, optimizer, stage, self.seed, momentum, self.mode, self.init, compensation=self.compensation
+        )
+        self._record(state, stage, report, final)
+        if not report.skipped:
+            self.bad_stages = 0
+            return
+        self.bad_stages += 1
+        logger.error(
+            "stage %d ended with NaN/Inf in the adapters: not merged, adapters re-initialised (%d in a row)",
+            stage, self.bad_stages,
+        )
+        if self.bad_stages >= self.max_bad_stages:
+            raise TrainingDiverged(
+                f"{self.bad_stages} consecutive stages ended with non-finite adapters (at step {state.global_step}); "
+                "lower --learning_rate or raise --max_bad_stages"
+            )
 
     def _record(self, state, stage: int, report: UnloadReport, final: bool) -> None:
         event = {
             "step": state.global_step,
             "stage": stage,
             "final": final,
+            "skipped_non_finite": report.skipped,
             "momentum": report.momentum,
             "momentum_mode": report.mode,
             "layers": len(report.update_norms),
@@ -85,9 +146,47 @@ class PLoRATrainer(Trainer):
     re-runs it from its start (constant for the paper; warmup + cosine per stage as an option).
     """
 
-    def __init__(self, *args, stage_steps: int | None = None, **kwargs):
+    def __init__(self, *args, stage_steps: int | None = None, compensation: dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.stage_steps = stage_steps
+        self.compensation = {} if compensation is None else compensation
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        super()._save(output_dir, state_dict)
+        if isinstance(self.model, PeftModel):
+            save_plora_state(Path(output_dir or self.args.output_dir), self.model, self.compensation)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        # The base weights hold the merged stages, which PEFT's adapter loading knows nothing of.
+        if isinstance(self.model, PeftModel):
+            load_plora_state(Path(resume_from_checkpoint), self.model, self.compensation)
+        else:
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Write checkpoint-N into a staging directory, then rename it into place.
+
+        A crash during the save leaves the earlier checkpoints as they were, and a checkpoint-N
+        that exists is complete. Rotation (`--save_total_limit`) runs after the rename.
+        """
+        run_dir = self.args.output_dir
+        staging = os.path.join(run_dir, ".staging")
+        name = f"checkpoint-{self.state.global_step}"
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)
+        self.args.output_dir = staging
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.output_dir = run_dir
+        if not self.args.should_save:
+            return
+        final = os.path.join(run_dir, name)
+        if os.path.exists(final):  # the same step saved again (e.g. a stop request on a save step)
+            shutil.rmtree(final)
+        os.replace(os.path.join(staging, name), final)
+        shutil.rmtree(staging, ignore_errors=True)
+        rotate(run_dir, self.args.save_total_limit)
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         if self.stage_steps is None or self.lr_scheduler is not None:
@@ -101,3 +200,14 @@ class PLoRATrainer(Trainer):
             )
         self.lr_scheduler = LambdaLR(optimizer, [periodic_lr_lambda(f, self.stage_steps) for f in one_stage.lr_lambdas])
         return self.lr_scheduler
+
+
+def rotate(run_dir: str, save_total_limit: int | None) -> None:
+    """Keep the newest `save_total_limit` checkpoints (by step number)."""
+    if not save_total_limit or save_total_limit <= 0:
+        return
+    steps = sorted(
+        int(p.name.split("-")[1]) for p in Path(run_dir).glob("checkpoint-*") if p.name.split("-")[1].isdigit()
+    )
+    for step in steps[:-save_total_limit]:
+        shutil.rmtree(Path(run_dir) / f"checkpoint-{step}")

@@ -83,6 +83,13 @@ def resolve_model_path(name_or_path: str | None) -> str:
         if not path.is_file():
             raise FileNotFoundError(f"model file not found: {name_or_path}")
         return str(materialize_gguf(path, cache_root() / path.stem))
+    path = Path(name_or_path).expanduser()
+    if path.exists() or name_or_path.startswith((".", "/", "~")):  # a local path, not a hub id
+        if not path.is_dir():
+            raise FileNotFoundError(f"model directory not found: {name_or_path}")
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{name_or_path} holds no model (no config.json)")
+        return str(path)
     return name_or_path
 
 

@@ -22,14 +22,16 @@ from peft import LoraConfig, get_peft_model
 from transformers import DataCollatorForSeq2Seq, PreTrainedModel
 
 from fastchat_plora.analyze import update_rank
-from fastchat_plora.args import ConfigError, parse_args, target_modules, validate
-from fastchat_plora.callback import PLoRACallback, PLoRATrainer
+from fastchat_plora.args import ConfigError, parse_args, resolve_resume, target_modules, validate
+from fastchat_plora.callback import PLoRACallback, PLoRATrainer, StopRequest, TrainingDiverged
+from fastchat_plora.checkpoint import latest_checkpoint
 from fastchat_plora.data import load_conversations, make_dataset
-from fastchat_plora.models import load_model, load_tokenizer, resolve_model_path, save_model
+from fastchat_plora.models import DTYPES, load_model, load_tokenizer, resolve_model_path, save_model
 from fastchat_plora.plora import reinit_adapters, stage_generator, steps_per_stage
 
 logger = logging.getLogger("fastchat_plora")
 EVENTS_FILE = "unload_events.jsonl"
+PREEMPTED_EXIT = 143  # 128 + SIGTERM: stopped on request, checkpoint saved, not finished
 
 
 def add_adapters(model: PreTrainedModel, lora_args, seed: int) -> torch.nn.Module:
@@ -84,11 +86,7 @@ def main(model_args, data_args, lora_args, plora_args, training_args) -> dict:
     """Train and save; returns the run summary. Every check runs before output_dir is written."""
     validate(model_args, data_args, lora_args, plora_args, training_args)
     mode = plora_args.finetune_mode
-    if mode == "plora" and training_args.resume_from_checkpoint:
-        raise ConfigError(
-            "resume_from_checkpoint is not supported in plora mode yet: HF checkpoints hold the live "
-            "adapter but not the base weights the earlier stages were merged into"
-        )
+    resume = resolve_resume(training_args)
 
     conversations = load_conversations(data_args.data_path)  # bad data fails before any model loads
     model_path = resolve_model_path(model_args.model_name_or_path)
@@ -102,7 +100,11 @@ def main(model_args, data_args, lora_args, plora_args, training_args) -> dict:
 
     output_dir = Path(training_args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / EVENTS_FILE).unlink(missing_ok=True)
+    trim_events(output_dir / EVENTS_FILE, resume)
+    low_precision = DTYPES[model_args.model_dtype] != torch.float32
+    compensated = plora_args.merge_compensation == "on" or (plora_args.merge_compensation == "auto" and low_precision)
+    compensation = {} if compensated else None
+    stop = StopRequest()
     callbacks = []
     if mode != "full":
         callbacks.append(
@@ -113,6 +115,9 @@ def main(model_args, data_args, lora_args, plora_args, training_args) -> dict:
                 lora_args.lora_init,
                 training_args.seed,
                 output_dir / EVENTS_FILE,
+                compensation,
+                plora_args.max_bad_stages,
+                stop,
             )
         )
     trainer = PLoRATrainer(
@@ -123,8 +128,16 @@ def main(model_args, data_args, lora_args, plora_args, training_args) -> dict:
         processing_class=tokenizer,
         callbacks=callbacks,
         stage_steps=stage_steps,
+        compensation=compensation,
     )
-    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    stop.install()
+    try:
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    finally:
+        stop.uninstall()
+    if stop.requested and trainer.state.global_step < trainer.state.max_steps:
+        checkpoint = latest_checkpoint(output_dir)
+        return {"preempted": True, "steps": trainer.state.global_step, "checkpoint": str(checkpoint)}
 
     # The callback's final unload left every adapter merged and B = 0; drop the LoRA layers.
     final_model = model.unload() if mode != "full" else model
@@ -147,6 +160,16 @@ def main(model_args, data_args, lora_args, plora_args, training_args) -> dict:
     return summary
 
 
+def trim_events(path: Path, resume: Path | None) -> None:
+    """A fresh run starts a fresh event log; a resumed one drops events after its checkpoint's step."""
+    if resume is None or not path.is_file():
+        path.unlink(missing_ok=True)
+        return
+    step = json.loads((resume / "trainer_state.json").read_text())["global_step"]
+    kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
 def write_run_files(output_dir: Path, arg_objects: tuple, summary: dict) -> None:
     args = {}
     for obj in arg_objects:
@@ -156,6 +179,11 @@ def write_run_files(output_dir: Path, arg_objects: tuple, summary: dict) -> None
 
 
 def format_summary(summary: dict) -> str:
+    if summary.get("preempted"):
+        return (
+            f"stopped by SIGTERM after step {summary['steps']}; checkpoint {summary['checkpoint']}\n"
+            "resume with --resume_from_checkpoint latest"
+        )
     probe = summary["rank_probe"]
     lines = [
         f"{summary['finetune_mode']}: {summary['steps']} steps in {summary['stages']} stage(s), "
@@ -178,9 +206,12 @@ def cli(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:  # ConfigError and DataError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     if args[4].process_index == 0:
         print("\n" + format_summary(summary))
-    return 0
+    return PREEMPTED_EXIT if summary.get("preempted") else 0
 
 
 if __name__ == "__main__":

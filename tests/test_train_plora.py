@@ -145,6 +145,11 @@ BAD_INPUTS = [
     (["--unload_every_steps", "2", "--momentum_mode", "literal"], "momentum_mode='literal'"),
     (["--unload_every_steps", "2", "--finetune_mode", "dora"], "finetune_mode='dora'"),
     (["--unload_every_steps", "2", "--conv_template", "vicuna_v9"], "conv_template='vicuna_v9'"),
+    (["--unload_every_steps", "2", "--merge_compensation", "maybe"], "merge_compensation='maybe'"),
+    (["--unload_every_steps", "2", "--max_bad_stages", "0"], "max_bad_stages=0"),
+    (["--unload_every_steps", "2", "--model_dtype", "int8"], "model_dtype='int8'"),
+    (["--unload_every_steps", "2", "--model_max_length", "0"], "model_max_length=0"),
+    (["--unload_every_steps", "2", "--lora_dropout", "1.5"], "lora_dropout=1.5"),
 ]
 
 
@@ -180,6 +185,17 @@ def test_bad_data_fails_cleanly(tiny_model_dir, tmp_path, capsys, content, messa
     assert train(tiny_model_dir, data, out, "--unload_every_steps", "2") == 2
     assert_one_error_line(capsys.readouterr().err, message)
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "model,message", [("/no/such/model", "model directory not found"), ("{tmp}", "no config.json")]
+)
+def test_bad_model_path(conversations_file, tmp_path, capsys, model, message):
+    code = cli(["--model_name_or_path", model.format(tmp=tmp_path), "--data_path", str(conversations_file),
+                "--output_dir", str(tmp_path / "never"), "--unload_every_steps", "2"])  # fmt: skip
+    assert code == 2
+    assert_one_error_line(capsys.readouterr().err, message)
+    assert not (tmp_path / "never").exists()
 
 
 def test_existing_run_is_not_overwritten(tiny_model_dir, conversations_file, tmp_path, capsys):

@@ -1,0 +1,83 @@
+"""What exact resume of a LoRA/PLoRA run needs beyond the HF checkpoint, and finding checkpoints.
+
+The HF Trainer's checkpoint of a PEFT model holds the live adapter, the optimizer, the scheduler,
+the RNG states and the step (from which the stage index and the data position follow). It does not
+hold the base weights that earlier stages were merged into. `plora_state.safetensors` adds, for
+every adapted layer: the current base weight (in its own dtype), the adapter factors, and the
+compensation buffer of the compensated merge where there is one.
+
+We store the merged base weights rather than the accumulated update W_t - W_0: both have the
+shape of the adapted weights, but the weights themselves are exact in their own dtype, where the
+update would have to be re-derived by subtraction (rounding again) and needs W_0 at load time.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from fastchat_plora.plora import lora_layers
+
+STATE_FILE = "plora_state.safetensors"
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+COMPLETE_MARKERS = ("trainer_state.json",)  # written last by the HF Trainer
+
+
+def plora_state(model: torch.nn.Module, compensation: dict[str, torch.Tensor], adapter_name: str = "default") -> dict:
+    state = {}
+    for name, layer in lora_layers(model, adapter_name):
+        state[f"base::{name}"] = layer.get_base_layer().weight
+        state[f"lora_A::{name}"] = layer.lora_A[adapter_name].weight
+        state[f"lora_B::{name}"] = layer.lora_B[adapter_name].weight
+        if name in compensation:
+            state[f"comp::{name}"] = compensation[name]
+    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+
+
+def save_plora_state(path: Path, model: torch.nn.Module, compensation: dict[str, torch.Tensor]) -> None:
+    save_file(plora_state(model, compensation), str(path / STATE_FILE))
+
+
+def load_plora_state(path: Path, model: torch.nn.Module, compensation: dict[str, torch.Tensor]) -> None:
+    """Copy a saved state into the model in place (Parameter objects kept); fail on any mismatch."""
+    file = Path(path) / STATE_FILE
+    if not file.is_file():
+        raise FileNotFoundError(f"{path} is not a LoRA/PLoRA checkpoint of this project (no {STATE_FILE})")
+    saved = load_file(str(file))
+    layers = dict(lora_layers(model))
+    names = {key.split("::", 1)[1] for key in saved}
+    if names != set(layers):
+        raise ValueError(f"checkpoint {path} adapts other layers than this run ({len(names)} vs {len(layers)})")
+    with torch.no_grad():
+        for key, value in saved.items():
+            kind, name = key.split("::", 1)
+            layer = layers[name]
+            if kind == "comp":
+                target = compensation.setdefault(name, torch.zeros_like(layer.get_base_layer().weight))
+            else:
+                target = {
+                    "base": layer.get_base_layer().weight,
+                    "lora_A": layer.lora_A["default"].weight,
+                    "lora_B": layer.lora_B["default"].weight,
+                }[kind]
+            if target.shape != value.shape:
+                shapes = f"{tuple(value.shape)} there, {tuple(target.shape)} in this run"
+                raise ValueError(f"checkpoint {path}: {key} has shape {shapes}")
+            target.copy_(value)
+
+
+def is_complete(path: Path) -> bool:
+    return all((path / marker).is_file() for marker in COMPLETE_MARKERS)
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The complete checkpoint-N with the largest N (half-written staging dirs never count)."""
+    found = []
+    for path in Path(output_dir).glob("checkpoint-*"):
+        match = CHECKPOINT_RE.match(path.name)
+        if match and path.is_dir() and is_complete(path):
+            found.append((int(match.group(1)), path))
+    return max(found)[1] if found else None

@@ -25,7 +25,7 @@ def tiny_llama(vocab_size: int = 256, seed: int = 0) -> LlamaForCausalLM:
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=256,
+        max_position_embeddings=1024,
         tie_word_embeddings=False,
     )
     return LlamaForCausalLM(config).eval()

@@ -1,0 +1,246 @@
+"""Evaluate a model directory with lm-evaluation-harness, zero-shot, in the training prompt format.
+
+    python -m eval.run_eval --model_path runs/demo --tasks gsm8k,mmlu,arc_easy,arc_challenge \
+        [--data_dir ../shared/data] [--limit N] --output_dir runs/demo/eval
+
+Reads a plain HF model directory (what train_plora.py writes, or a full-fine-tuning checkpoint) or a
+LoRA/PLoRA checkpoint-N (its adapter and merged base weights are folded into the base model). The
+tasks are the harness YAMLs in eval/tasks/, reading local files under --data_dir (default
+../shared/data when it exists). Prompts are wrapped in the model's chat template, as in training.
+Writes OUT/results.json (metrics per task, MMLU by category, the GSM8K held-out loss) and
+OUT/samples_<task>.jsonl; all files are written to temporary names first and renamed at the end,
+so a failed evaluation never overwrites finished results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from eval.loading import ModelPathError, load_for_eval
+from eval.tasks.utils import extract_flexible, extract_strict, gsm8k_gold
+
+TASKS_DIR = Path(__file__).resolve().parent / "tasks"
+DEFAULT_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+TASKS = ("gsm8k", "mmlu", "arc_easy", "arc_challenge")
+MMLU_CATEGORIES = {"humanities": "Humanities", "stem": "STEM", "social_sciences": "Social Sciences", "other": "Other"}
+logger = logging.getLogger("eval")
+
+
+class EvalError(ValueError):
+    """Bad input to the evaluation; the message names it."""
+
+
+def load_task_yaml(path: Path) -> dict:
+    try:  # the harness's own loader resolves the `!function` tags; its home moved between releases
+        from lm_eval.utils import load_yaml_config as load
+    except ImportError:
+        from lm_eval.tasks._yaml_loader import load_yaml as load
+    return load(str(path))
+
+
+def mmlu_subjects() -> dict[str, str]:
+    from lm_eval.tasks.mmlu._generate_configs import SUBJECTS  # subject -> category, as the harness groups them
+
+    return SUBJECTS
+
+
+def local_config(yaml_name: str, data_dir: Path, subject: str | None = None) -> dict:
+    config = load_task_yaml(TASKS_DIR / yaml_name)
+    files = config["dataset_kwargs"]["data_files"]
+    for split, rel in files.items():
+        rel = rel.replace("SUBJECT", subject) if subject else rel
+        path = data_dir / rel
+        if not path.is_file():
+            raise EvalError(f"missing local data for {config['task']}: {path} (pass --data_dir)")
+        files[split] = str(path)
+    if subject:
+        config["task"] = f"mmlu_local_{subject}"
+    return config
+
+
+def task_configs(tasks: list[str], data_dir: Path) -> list[dict]:
+    configs = []
+    for task in tasks:
+        if task == "mmlu":
+            configs += [local_config("mmlu_local_template.yaml", data_dir, s) for s in sorted(mmlu_subjects())]
+        else:
+            configs.append(local_config(f"{task}_local.yaml", data_dir))
+    return configs
+
+
+def heldout_loss(model, tokenizer, data_dir: Path, limit: int | None) -> dict:
+    """Mean per-token loss of the gold GSM8K test answers, given the question in the chat template.
+
+    A continuous signal that still moves where a small model's accuracy is near zero.
+    """
+    rows = [json.loads(line) for line in (data_dir / "gsm8k" / "test.jsonl").read_text().splitlines() if line]
+    rows = rows[:limit] if limit else rows
+    total, tokens = 0.0, 0
+    device = next(model.parameters()).device
+    for row in rows:
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": row["question"]}], tokenize=False, add_generation_prompt=True
+        )
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        answer_ids = tokenizer(row["answer"], add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([prompt_ids + answer_ids], device=device)
+        labels = ids.clone()
+        labels[0, : len(prompt_ids)] = -100
+        with torch.no_grad():
+            loss = model(input_ids=ids, labels=labels).loss
+        total += loss.item() * len(answer_ids)
+        tokens += len(answer_ids)
+    return {"loss": total / tokens, "tokens": tokens, "questions": len(rows)}
+
+
+def sample_rows(task: str, samples: list[dict]) -> list[dict]:
+    """Per item: prompt, model output, extracted answer, gold answer, correct or not."""
+    rows = []
+    for s in samples:
+        prompt = s["arguments"][0][0] if s.get("arguments") else None
+        if task == "gsm8k_local":
+            output = s["resps"][0][0]
+            rows.append({
+                "prompt": prompt, "output": output,
+                "extracted_strict": extract_strict(output), "extracted_flexible": extract_flexible(output),
+                "gold": gsm8k_gold(s["doc"]["answer"]),
+                "correct": bool(s["exact_match_flexible"]), "correct_strict": bool(s["exact_match_strict"]),
+            })  # fmt: skip
+        else:
+            scores = [r[0] for r in s["filtered_resps"]]
+            choices = [a[1] for a in s["arguments"]]
+            pick = max(range(len(scores)), key=scores.__getitem__)
+            rows.append({
+                "prompt": prompt, "output": choices[pick], "extracted": pick, "gold": s["target"],
+                "correct": bool(s["acc"]), "loglikelihoods": scores,
+            })  # fmt: skip
+    return rows
+
+
+def summarize(raw: dict, tasks: list[str]) -> dict:
+    metrics = {}
+    results = raw["results"]
+    if "gsm8k" in tasks:
+        r = results["gsm8k_local"]
+        metrics["gsm8k"] = {"exact_match_strict": r["exact_match_strict,none"],
+                            "exact_match_flexible": r["exact_match_flexible,none"]}  # fmt: skip
+    for task in ("arc_easy", "arc_challenge"):
+        if task in tasks:
+            r = results[f"{task}_local"]
+            metrics[task] = {"acc": r["acc,none"], "acc_norm": r["acc_norm,none"]}
+    if "mmlu" in tasks:
+        counts = {name: len(s) for name, s in raw["samples"].items()}
+        by_category = {c: [0.0, 0] for c in MMLU_CATEGORIES}
+        for subject, category in mmlu_subjects().items():
+            name = f"mmlu_local_{subject}"
+            correct, n = results[name]["acc,none"] * counts[name], counts[name]
+            by_category[category][0] += correct
+            by_category[category][1] += n
+        mmlu = {MMLU_CATEGORIES[c]: s / n for c, (s, n) in by_category.items() if n}
+        mmlu["Average"] = sum(s for s, _ in by_category.values()) / sum(n for _, n in by_category.values())
+        metrics["mmlu"] = mmlu
+    return metrics
+
+
+def run_harness(lm, tasks: list[str], configs: list[dict], limit: int | None) -> tuple[dict, dict]:
+    """Zero-shot, chat-templated harness run of `configs` on any harness LM; raw output and metrics."""
+    import lm_eval
+
+    raw = lm_eval.simple_evaluate(
+        model=lm, tasks=configs, limit=limit, apply_chat_template=True, log_samples=True,
+        bootstrap_iters=0, random_seed=0, numpy_random_seed=0, torch_random_seed=0,
+    )  # fmt: skip
+    return raw, summarize(raw, tasks)
+
+
+def write_atomically(files: dict[str, str], output_dir: Path) -> None:
+    """Write every file to a temporary name first; rename them all only once all are written."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    staged = []
+    try:
+        for name, text in files.items():
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=output_dir)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+            staged.append((tmp, output_dir / name))
+    except BaseException:
+        for tmp, _ in staged:
+            Path(tmp).unlink(missing_ok=True)
+        raise
+    for tmp, final in staged:
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, final)
+
+
+def evaluate(args: argparse.Namespace) -> dict:
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown or not tasks:
+        raise EvalError(f"unknown task(s) {unknown or args.tasks!r}; choose from {','.join(TASKS)}")
+    data_dir = Path(args.data_dir) if args.data_dir else DEFAULT_DATA
+    if not data_dir.is_dir():
+        raise EvalError(f"data directory not found: {data_dir} (pass --data_dir)")
+    configs = task_configs(tasks, data_dir)  # checks every data file before the model loads
+    model, tokenizer = load_for_eval(args.model_path, args.device)
+
+    from lm_eval.models.huggingface import HFLM
+
+    start = time.perf_counter()
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size, device=args.device)
+    raw, metrics = run_harness(lm, tasks, configs, args.limit)
+    if "gsm8k" in tasks:
+        metrics["gsm8k"]["heldout_loss"] = heldout_loss(model, tokenizer, data_dir, args.limit)
+    results = {
+        "model_path": str(args.model_path),
+        "tasks": tasks,
+        "limit": args.limit,
+        "data_dir": str(data_dir),
+        "metrics": metrics,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    files = {"results.json": json.dumps(results, indent=2)}
+    groups = {"gsm8k": ["gsm8k_local"], "arc_easy": ["arc_easy_local"], "arc_challenge": ["arc_challenge_local"]}
+    groups["mmlu"] = [f"mmlu_local_{s}" for s in sorted(mmlu_subjects())]
+    for task in tasks:
+        rows = [dict(r, subtask=name) for name in groups[task] for r in sample_rows(name, raw["samples"][name])]
+        files[f"samples_{task}.jsonl"] = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    write_atomically(files, Path(args.output_dir))
+    return results
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model_path", required=True, help="a model directory or a checkpoint-N of a run")
+    parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, from {','.join(TASKS)}")
+    parser.add_argument("--data_dir", default=None, help="local files (default: ../shared/data)")
+    parser.add_argument("--limit", type=int, default=None, help="first N items of each task (and MMLU subject)")
+    parser.add_argument("--output_dir", required=True, help="where results.json and samples_<task>.jsonl go")
+    parser.add_argument("--batch_size", default="16", help="harness batch size (an int, or 'auto')")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    args = parse(argv)
+    try:
+        results = evaluate(args)
+    except (EvalError, ModelPathError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(results["metrics"], indent=2))
+    print(f"wrote {args.output_dir}/results.json in {results['seconds']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,188 @@
+"""eval/: answer extraction, scoring through the harness with stub models, result files, checkpoint
+folding, bad input; and the embedded model on the local mirror."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from lm_eval.api.model import LM
+
+from eval import run_eval
+from eval.loading import load_for_eval
+from eval.tasks.utils import extract_flexible, extract_strict, gsm8k_gold
+from fastchat_plora.train_plora import cli
+from tests.conftest import SHARED_DATA, write_conversations
+
+
+@pytest.mark.parametrize(
+    "text,strict,flexible",
+    [
+        ("so 3 + 4 = 7\n#### 7", "7", "7"),
+        ("#### 1,234", "1234", "1234"),
+        ("The total is $1,234.50.", None, "1234.5"),
+        ("She loses 5 dollars.\n#### -5", "-5", "-5"),
+        ("It weighs 2.5 kg", None, "2.5"),
+        ("The answer is 18 eggs.", None, "18"),
+        ("#### 18.00", "18", "18"),
+        ("no number here", None, None),
+        ("first 3, then 40 cm.", None, "40"),
+    ],
+)
+def test_number_extraction(text, strict, flexible):
+    assert extract_strict(text) == strict
+    assert extract_flexible(text) == flexible
+
+
+def test_gold_answers():
+    assert gsm8k_gold("a\nb\n#### 1,000") == "1000" and gsm8k_gold("#### -3") == "-3"
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """Two items per task, all 57 MMLU subjects, in the local mirror's layout."""
+    d = tmp_path_factory.mktemp("evaldata")
+    (d / "gsm8k").mkdir()
+    rows = [{"question": "What is 2 plus 3?", "answer": "2+3=5\n#### 5"},
+            {"question": "What is 10 minus 14?", "answer": "10-14=-4\n#### -4"}]  # fmt: skip
+    (d / "gsm8k" / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for subset in ("ARC-Easy", "ARC-Challenge"):
+        (d / "arc" / subset).mkdir(parents=True)
+        arc = [
+            {"id": "a", "question": {"stem": "Which is a gas?", "choices": [
+                {"label": "A", "text": "rock"}, {"label": "B", "text": "steam"}, {"label": "C", "text": "ice"}]},
+             "answerKey": "B"},
+            {"id": "b", "question": {"stem": "Which is a liquid?", "choices": [
+                {"label": "1", "text": "water"}, {"label": "2", "text": "wood"}, {"label": "3", "text": "salt"},
+                {"label": "4", "text": "air"}]}, "answerKey": "1"},
+        ]  # fmt: skip
+        (d / "arc" / subset / f"{subset}-Test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in arc))
+    mmlu = d / "mmlu" / "data" / "test"
+    mmlu.mkdir(parents=True)
+    for i, subject in enumerate(run_eval.mmlu_subjects()):
+        with (mmlu / f"{subject}_test.csv").open("w", newline="") as f:
+            csv.writer(f).writerow([f"In {subject}, pick option {'ABCD'[i % 4]}.", "w", "x", "y", "z", "ABCD"[i % 4]])
+    return d
+
+
+class StubLM(LM):
+    """Answers from the gold data: correctly, or always wrongly."""
+
+    def __init__(self, data_dir: Path, right: bool):
+        super().__init__()
+        self.right = right
+        self.gsm8k = {}
+        for line in (data_dir / "gsm8k" / "test.jsonl").read_text().splitlines():
+            row = json.loads(line)
+            self.gsm8k[row["question"]] = gsm8k_gold(row["answer"])
+
+    def apply_chat_template(self, chat_history, add_generation_prompt=True) -> str:
+        return "".join(f"<{m['role']}>{m['content']}" for m in chat_history) + "<assistant>"
+
+    @property
+    def tokenizer_name(self) -> str:
+        return "stub"
+
+    def generate_until(self, requests):
+        outputs = []
+        for request in requests:
+            context = request.args[0]
+            gold = next(g for q, g in self.gsm8k.items() if q in context)
+            outputs.append(f"Working.\n#### {gold if self.right else int(gold) + 1}")
+        return outputs
+
+    def loglikelihood(self, requests):
+        scores = []
+        for request in requests:
+            context, continuation = request.args
+            # the gold letter is named in the stem for MMLU; ARC's gold is "steam" / "water"
+            named = re.search(r"pick option ([ABCD])", context)
+            gold = continuation.strip().startswith(named.group(1)) if named else any(
+                w in continuation for w in ("steam", "water"))  # fmt: skip
+            scores.append((0.0 if gold == self.right else -5.0, False))
+        return scores
+
+    def loglikelihood_rolling(self, requests):
+        raise NotImplementedError
+
+
+@pytest.mark.parametrize("right,expected", [(True, 1.0), (False, 0.0)])
+def test_stub_scores_all_or_nothing(data_dir, right, expected):
+    tasks = list(run_eval.TASKS)
+    raw, metrics = run_eval.run_harness(StubLM(data_dir, right), tasks, run_eval.task_configs(tasks, data_dir), None)
+    assert metrics["gsm8k"] == {"exact_match_strict": expected, "exact_match_flexible": expected}
+    for task in ("arc_easy", "arc_challenge"):
+        assert metrics[task]["acc"] == expected
+    assert metrics["mmlu"] == {k: expected for k in ("Humanities", "STEM", "Social Sciences", "Other", "Average")}
+    rows = run_eval.sample_rows("arc_easy_local", raw["samples"]["arc_easy_local"])
+    assert [r["gold"] for r in rows] == [1, 0]  # the digit key "1" is the first choice
+    assert all(r["correct"] == right for r in rows)
+
+
+def test_real_model_writes_result_files(tiny_model_dir, data_dir, tmp_path):
+    out = tmp_path / "eval"
+    code = run_eval.main(["--model_path", str(tiny_model_dir), "--data_dir", str(data_dir), "--output_dir", str(out),
+                          "--batch_size", "4", "--tasks", "gsm8k,mmlu,arc_easy,arc_challenge"])  # fmt: skip
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    metrics = results["metrics"]
+    assert set(metrics) == {"gsm8k", "mmlu", "arc_easy", "arc_challenge"}
+    assert set(metrics["mmlu"]) == {"Humanities", "STEM", "Social Sciences", "Other", "Average"}
+    assert metrics["gsm8k"]["heldout_loss"]["questions"] == 2 and metrics["gsm8k"]["heldout_loss"]["loss"] > 0
+    gsm = [json.loads(line) for line in (out / "samples_gsm8k.jsonl").read_text().splitlines()]
+    assert len(gsm) == 2 and {"prompt", "output", "extracted_flexible", "gold", "correct"} <= set(gsm[0])
+    assert "<|im_start|>user\nWhat is 2 plus 3?<|im_end|>" in gsm[0]["prompt"]  # the training chat format
+    assert len((out / "samples_mmlu.jsonl").read_text().splitlines()) == 57
+
+
+def test_a_plora_checkpoint_folds_into_the_model_it_was(tiny_model_dir, tmp_path):
+    # Momentum 0 and a checkpoint at the last step: the final unload merges exactly the live adapter.
+    data = write_conversations(tmp_path / "c.jsonl")
+    out = tmp_path / "run"
+    code = cli(["--model_name_or_path", str(tiny_model_dir), "--data_path", str(data), "--output_dir", str(out),
+                "--max_steps", "3", "--unload_every_steps", "2", "--save_steps", "3", "--learning_rate", "1e-2",
+                "--model_max_length", "64", "--disable_tqdm", "True"])  # fmt: skip
+    assert code == 0
+    folded, _ = load_for_eval(out / "checkpoint-3")
+    final, _ = load_for_eval(out)
+    ids = torch.arange(20).unsqueeze(0)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(ids).logits, final(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--model_path", "{tmp}/nowhere"], "model directory not found"),
+        (["--model_path", "{tmp}"], "holds no model"),
+        (["--model_path", "{model}", "--tasks", "gsm8k,hellaswag"], "unknown task"),
+        (["--model_path", "{model}", "--data_dir", "{tmp}"], "missing local data for gsm8k_local"),
+    ],
+)
+def test_bad_input(tiny_model_dir, data_dir, tmp_path, capsys, args, message):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.json").write_text("finished earlier")
+    args = [a.format(tmp=tmp_path, model=tiny_model_dir) for a in args]
+    if "--data_dir" not in args:
+        args += ["--data_dir", str(data_dir)]
+    assert run_eval.main([*args, "--output_dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: ") and message in err
+    assert (out / "results.json").read_text() == "finished earlier"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="the local mirror ../shared/data is not here")
+def test_embedded_model_on_the_local_mirror(embedded_path, tmp_path):
+    out = tmp_path / "eval"
+    code = run_eval.main(["--model_path", embedded_path, "--tasks", "gsm8k,arc_easy", "--limit", "2",
+                          "--data_dir", str(SHARED_DATA), "--output_dir", str(out), "--batch_size", "2"])  # fmt: skip
+    assert code == 0
+    metrics = json.loads((out / "results.json").read_text())["metrics"]
+    assert 0 < metrics["gsm8k"]["heldout_loss"]["loss"] < 5
+    assert 0.0 <= metrics["arc_easy"]["acc"] <= 1.0

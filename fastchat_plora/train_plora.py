@@ -95,6 +95,7 @@ def main(model_args, data_args, lora_args, plora_args, training_args) -> dict:
     if mode != "full":
         model = add_adapters(model, lora_args, training_args.seed)
     probe_name, w0 = probe_layer(model, lora_args)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     dataset = make_dataset(conversations, tokenizer, data_args.model_max_length, data_args.conv_template)
     stage_steps = stage_length(plora_args, training_args)
 
@@ -147,6 +148,7 @@ def main(model_args, data_args, lora_args, plora_args, training_args) -> dict:
     rank = update_rank(w_final.detach().cpu(), w0, w_final.dtype)
     summary = {
         "finetune_mode": mode,
+        "trainable_parameters": trainable,
         "output_dir": str(output_dir),
         "steps": trainer.state.global_step,
         "stage_steps": stage_steps,
@@ -157,6 +159,7 @@ def main(model_args, data_args, lora_args, plora_args, training_args) -> dict:
     }
     if trainer.is_world_process_zero():
         write_run_files(output_dir, (model_args, data_args, lora_args, plora_args, training_args), summary)
+        (output_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
     return summary
 
 

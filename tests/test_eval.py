@@ -186,3 +186,70 @@ def test_embedded_model_on_the_local_mirror(embedded_path, tmp_path):
     metrics = json.loads((out / "results.json").read_text())["metrics"]
     assert 0 < metrics["gsm8k"]["heldout_loss"]["loss"] < 5
     assert 0.0 <= metrics["arc_easy"]["acc"] <= 1.0
+
+
+def fake_run(root: Path, name: str, args: dict, summary: dict, metrics: dict) -> Path:
+    run = root / name
+    (run / "eval").mkdir(parents=True)
+    if args:
+        (run / "run_args.json").write_text(json.dumps(args))
+        (run / "summary.json").write_text(json.dumps(summary))
+    results = run / "eval" / "results.json"
+    results.write_text(json.dumps({"model_path": str(run), "metrics": metrics}))
+    return results
+
+
+METRICS = {
+    "gsm8k": {"exact_match_flexible": 0.125, "exact_match_strict": 0.1, "heldout_loss": {"loss": 0.75}},
+    "mmlu": {"Humanities": 0.3, "STEM": 0.25, "Social Sciences": 0.4, "Other": 0.5, "Average": 0.36},
+    "arc_easy": {"acc": 0.5, "acc_norm": 0.4},
+    "arc_challenge": {"acc": 0.25, "acc_norm": 0.3},
+}
+
+
+def test_table1_from_hand_written_results(tmp_path):
+    from eval import tables
+
+    plora_args = {"finetune_mode": "plora", "lora_r": 8, "lora_target_modules": "q_proj,v_proj",
+                  "unload_momentum": 0.1, "unload_every_samples": 4800, "learning_rate": 1e-4}  # fmt: skip
+    files = [
+        fake_run(tmp_path, "base", {}, {}, METRICS),
+        fake_run(tmp_path, "plora", plora_args, {"trainable_parameters": 4_194_304}, METRICS),
+    ]
+    assert tables.main(["--table", "1", "--results", *map(str, files), "--output_dir", str(tmp_path / "t")]) == 0
+    assert (tmp_path / "t" / "table1.md").read_text() == (
+        "| method | r | trainable params | GSM8K | GSM8K loss | MMLU Humanities | MMLU STEM | MMLU Social Sciences"
+        " | MMLU Other | MMLU Average | ARC-E | ARC-C |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "| base |  |  | 12.50 | 0.75 | 30.00 | 25.00 | 40.00 | 50.00 | 36.00 | 50.00 | 25.00 |\n"
+        "| PLoRA | 8 | 4.19M | 12.50 | 0.75 | 30.00 | 25.00 | 40.00 | 50.00 | 36.00 | 50.00 | 25.00 |\n"
+    )
+    assert tables.main(["--table", "2", "--results", str(files[1]), "--output_dir", str(tmp_path / "t")]) == 0
+    assert "| PLoRA | q,v | 8 | 4800 samples |" in (tmp_path / "t" / "table2.md").read_text()
+    assert (tmp_path / "t" / "table2.csv").read_text().startswith("method,modules,r,unload every,GSM8K")
+
+
+def test_sweep_is_resumable_and_figures_are_pngs(tiny_model_dir, data_dir, tmp_path, capsys):
+    from eval import figures, sweep
+
+    data = write_conversations(tmp_path / "c.jsonl")
+    run = tmp_path / "run"
+    code = cli(["--model_name_or_path", str(tiny_model_dir), "--data_path", str(data), "--output_dir", str(run),
+                "--max_steps", "4", "--unload_every_steps", "2", "--save_steps", "2", "--logging_steps", "1",
+                "--model_max_length", "64", "--disable_tqdm", "True"])  # fmt: skip
+    assert code == 0
+    flags = ["--run_dir", str(run), "--output_dir", str(tmp_path / "sweep"), "--tasks", "arc_easy",
+             "--data_dir", str(data_dir), "--batch_size", "2"]  # fmt: skip
+    assert sweep.main(flags) == 0
+    index = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert list(index) == ["2", "4"]  # checkpoint-2 and the final model (not checkpoint-4, the same step)
+    assert index["4"].endswith("final/results.json")
+    capsys.readouterr()
+    assert sweep.main(flags) == 0
+    assert capsys.readouterr().out.count("done already, skipped") == 2
+
+    for args in (["loss", "--runs", str(run), "--smooth", "2"],
+                 ["sweep", "--sweeps", str(tmp_path / "sweep"), "--metric", "arc_easy", "--window", "2"]):  # fmt: skip
+        png = tmp_path / f"{args[0]}.png"
+        assert figures.main([*args, "--output", str(png)]) == 0
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -113,6 +113,24 @@ class TrainingArguments(HfTrainingArguments):
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Allow writing into an --output_dir that already holds a run."}
     )
+    if "train_sampling_strategy" in {f.name for f in dataclasses.fields(HfTrainingArguments)}:  # transformers 5
+        train_sampling_strategy: str = field(
+            default="group_by_length",
+            metadata={
+                "help": "HF's sampler: group_by_length (default here: batches of similar length, less padding), "
+                "random, sequential, batch_rebalance."
+            },
+        )
+    padding_free: bool = field(
+        default=False,
+        metadata={
+            "help": "Concatenate each batch into one row with per-conversation positions, no padding "
+            "(pays off with --attn_implementation flash_attention_2; SDPA then needs a dense block mask)."
+        },
+    )
+    labeled_logits_only: bool = field(
+        default=True, metadata={"help": "Run the LM head and the loss on labeled positions only."}
+    )
 
 
 ARG_CLASSES = (ModelArguments, DataArguments, LoraArguments, PLoRAArguments, TrainingArguments)

@@ -1,17 +1,19 @@
-"""Benchmark: PLoRA against plain LoRA on the same model, data and steps, with the real training path.
+"""Benchmark: our LoRA/PLoRA/full training path against plain HF Trainer + PEFT, same model and data.
 
-    python -m fastchat_plora.bench --data_path data/gsm8k_train.jsonl [--steps 12 --repeats 2]
+    python -m fastchat_plora.bench --data_path data/mix/mix.jsonl [--steps 16 --repeats 2]
 
 Each run is a separate process (so peak memory is that run's own), launched by this script in
-alternating order (lora, plora, lora, plora, ...) so machine noise hits both alike. It prints real
-(non-padding) tokens/s and peak resident memory per mode, the PLoRA/LoRA ratios, and the cost of
-one unload (timed in-process on the same model) as a share of a 200-step stage.
+rotating order (baseline, lora, plora, full, baseline, ...) so machine noise hits all alike. It
+prints real (non-padding) tokens/s and peak resident memory per mode, the ratios the targets are
+stated in, and the cost of one unload (timed in-process on the trained model) as a share of a
+200-step stage.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import resource
 import statistics
 import subprocess
@@ -22,26 +24,37 @@ import time
 from transformers import TrainerCallback
 
 PAPER_STAGE_STEPS = 200
+MODES = ("baseline", "lora", "plora", "full")
 
 
 class StepClock(TrainerCallback):
-    """Records (time, non-padding tokens seen) at the end of every optimizer step."""
+    """Records (time, non-padding tokens seen) when training starts and at the end of every step."""
 
     def __init__(self):
         self.marks: list[tuple[float, int]] = []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.marks.append((time.perf_counter(), 0))
 
     def on_step_end(self, args, state, control, **kwargs):
         self.marks.append((time.perf_counter(), state.num_input_tokens_seen))
 
 
 def run_one(mode: str, args: argparse.Namespace) -> dict:
-    """Train `args.steps` steps in this process and report throughput, peak memory, unload cost."""
-    import torch
-    from transformers import DataCollatorForSeq2Seq
+    """Train `args.steps` steps in this process and report throughput, peak memory, unload cost.
 
-    from fastchat_plora.args import LoraArguments, TrainingArguments
+    Modes: `baseline` is plain HF Trainer + PEFT LoRA as a user would write it (default collator,
+    random batches, full logits); `lora`, `plora` and `full` are this project's training path
+    (length-grouped batches, LM head on labeled positions only), with the same LoRA config.
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import DataCollatorForSeq2Seq, Trainer
+    from transformers import TrainingArguments as HfTrainingArguments
+
+    from fastchat_plora.args import ALL_LINEAR, LoraArguments, TrainingArguments
     from fastchat_plora.callback import PLoRACallback, PLoRATrainer
-    from fastchat_plora.data import make_dataset
+    from fastchat_plora.data import SupervisedDataset, make_dataset
     from fastchat_plora.models import load_model, load_tokenizer, resolve_model_path
     from fastchat_plora.plora import next_stage
     from fastchat_plora.train_plora import add_adapters
@@ -49,44 +62,52 @@ def run_one(mode: str, args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     path = resolve_model_path(args.model_name_or_path)
     tokenizer = load_tokenizer(path, args.model_max_length)
-    model = add_adapters(load_model(path), LoraArguments(lora_r=args.lora_r), seed=0)
-    dataset = make_dataset(args.data_path, tokenizer, args.model_max_length)
+    model = load_model(path)
+    if mode == "baseline":
+        # The same adapter as ours (PEFT's default dropout is 0; ours, FastChat's, 0.05): the runs
+        # then differ by the training path alone.
+        config = LoraConfig(
+            r=args.lora_r, lora_alpha=16, lora_dropout=args.lora_dropout, target_modules=ALL_LINEAR.split(","),
+            task_type="CAUSAL_LM",
+        )  # fmt: skip
+        model = get_peft_model(model, config)
+    elif mode != "full":
+        model = add_adapters(model, LoraArguments(lora_r=args.lora_r, lora_dropout=args.lora_dropout), seed=0)
+    # Every mode trains on the same steps x batch conversations, one epoch: the same work, batched
+    # as each mode batches it (random and padded for the baseline, grouped by length for ours).
+    full_set = make_dataset(args.data_path, tokenizer, args.model_max_length)
+    chosen = random.Random(0).sample(range(len(full_set)), args.steps * args.batch_size)
+    dataset = SupervisedDataset([full_set.examples[i] for i in chosen])
     stage_steps = args.unload_every_steps if mode == "plora" else None
     clock = StepClock()
     with tempfile.TemporaryDirectory() as out:
-        training_args = TrainingArguments(
-            output_dir=out,
-            max_steps=args.steps,
-            per_device_train_batch_size=args.batch_size,
-            save_strategy="no",
-            logging_steps=args.steps,
-            report_to=[],
-            disable_tqdm=True,
-            include_num_input_tokens_seen="non_padding",
-        )
-        trainer = PLoRATrainer(
-            model=model,
-            args=training_args,
-            train_dataset=dataset,
-            data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True),
-            callbacks=[PLoRACallback(stage_steps), clock],
-            stage_steps=stage_steps,
-        )
+        common = dict(
+            output_dir=out, max_steps=args.steps, per_device_train_batch_size=args.batch_size, save_strategy="no",
+            logging_steps=args.steps, report_to=[], disable_tqdm=True, include_num_input_tokens_seen="non_padding",
+        )  # fmt: skip
+        collator = DataCollatorForSeq2Seq(tokenizer, padding=True)
+        if mode == "baseline":
+            trainer = Trainer(model=model, args=HfTrainingArguments(**common), train_dataset=dataset,
+                              data_collator=collator, callbacks=[clock])  # fmt: skip
+        else:
+            callbacks = [clock] if mode == "full" else [PLoRACallback(stage_steps), clock]
+            trainer = PLoRATrainer(model=model, args=TrainingArguments(**common), train_dataset=dataset,
+                                   data_collator=collator, callbacks=callbacks, stage_steps=stage_steps)  # fmt: skip
         trainer.train()
-        # The first step pays one-off costs (allocations, kernel selection); time from its end.
         (t0, n0), (t1, n1) = clock.marks[0], clock.marks[-1]
-        step_seconds = (t1 - t0) / (len(clock.marks) - 1)
+        step_seconds = (t1 - t0) / args.steps
         unload_seconds = []
-        for stage in range(args.unload_repeats):
-            start = time.perf_counter()
-            next_stage(model, trainer.optimizer, stage, seed=0)
-            unload_seconds.append(time.perf_counter() - start)
+        if mode != "baseline" and mode != "full":
+            for stage in range(args.unload_repeats):
+                start = time.perf_counter()
+                next_stage(model, trainer.optimizer, stage, seed=0)
+                unload_seconds.append(time.perf_counter() - start)
     return {
         "mode": mode,
         "tokens_per_s": (n1 - n0) / (t1 - t0),
         "step_seconds": step_seconds,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "unload_seconds": statistics.median(unload_seconds),
+        "unload_seconds": statistics.median(unload_seconds) if unload_seconds else None,
     }
 
 
@@ -98,10 +119,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--model_max_length", type=int, default=512)
     parser.add_argument("--lora_r", type=int, default=8)
+    parser.add_argument("--lora_dropout", type=float, default=0.05, help="for every LoRA run, the baseline's too")
     parser.add_argument("--unload_every_steps", type=int, default=4, help="plora stage length in the bench")
     parser.add_argument("--unload_repeats", type=int, default=5, help="unloads timed after training")
     parser.add_argument("--repeats", type=int, default=2, help="runs per mode, alternating")
-    parser.add_argument("--worker", choices=["lora", "plora"], help=argparse.SUPPRESS)
+    parser.add_argument("--modes", default="baseline,lora,plora,full", help="which runs, in this order")
+    parser.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -111,35 +134,38 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(run_one(args.worker, args)))
         return
     argv = sys.argv[1:] if argv is None else argv
+    modes = [m for m in args.modes.split(",") if m]
     runs = []
     for i in range(args.repeats):
-        for mode in ("lora", "plora"):
+        for mode in modes:
             cmd = [sys.executable, "-m", "fastchat_plora.bench", *argv, "--worker", mode]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             runs.append(json.loads(out.strip().splitlines()[-1]))
-            print(
-                f"run {i + 1}/{args.repeats} {mode}: {runs[-1]['tokens_per_s']:.1f} tokens/s, "
-                f"peak {runs[-1]['peak_rss_mib']:.0f} MiB",
-                flush=True,
-            )
-    by_mode = {m: [r for r in runs if r["mode"] == m] for m in ("lora", "plora")}
-    med = {m: {k: statistics.median(r[k] for r in rs) for k in rs[0] if k != "mode"} for m, rs in by_mode.items()}
-    unload_share = med["plora"]["unload_seconds"] / (PAPER_STAGE_STEPS * med["plora"]["step_seconds"])
-    print(
-        f"\nembedded model, LoRA r{args.lora_r} on all 7 linear layers, batch {args.batch_size}, "
-        f"{args.steps} steps, median of {args.repeats} runs each:"
-    )
-    for m in ("lora", "plora"):
-        print(
-            f"  {m:5s}: {med[m]['tokens_per_s']:8.1f} real tokens/s, peak RSS {med[m]['peak_rss_mib']:7.0f} MiB, "
-            f"{med[m]['step_seconds']:.2f} s/step"
-        )
-    print(f"  plora/lora tokens/s: {med['plora']['tokens_per_s'] / med['lora']['tokens_per_s']:.3f} (target >= 0.98)")
-    print(f"  plora/lora peak RSS: {med['plora']['peak_rss_mib'] / med['lora']['peak_rss_mib']:.3f} (target <= 1.01)")
-    print(
-        f"  one unload: {med['plora']['unload_seconds'] * 1000:.1f} ms = {unload_share:.3%} of a "
-        f"{PAPER_STAGE_STEPS}-step stage (target < 1%)"
-    )
+            print(f"run {i + 1}/{args.repeats} {mode}: {runs[-1]['tokens_per_s']:.1f} tokens/s, "
+                  f"peak {runs[-1]['peak_rss_mib']:.0f} MiB", flush=True)  # fmt: skip
+    med = {
+        m: {k: statistics.median(r[k] for r in runs if r["mode"] == m) for k in ("tokens_per_s", "step_seconds",
+            "peak_rss_mib")} for m in modes
+    }  # fmt: skip
+    print(f"\nembedded model, real conversations, LoRA r{args.lora_r} on all 7 linear layers, batch "
+          f"{args.batch_size}, {args.steps} steps, median of {args.repeats} runs each:")  # fmt: skip
+    for m in modes:
+        print(f"  {m:8s}: {med[m]['tokens_per_s']:8.1f} real tokens/s, peak RSS {med[m]['peak_rss_mib']:7.0f} MiB, "
+              f"{med[m]['step_seconds']:.2f} s/step")  # fmt: skip
+
+    def ratio(a: str, b: str, key: str, target: str) -> None:
+        if a in med and b in med:
+            print(f"  {a}/{b} {key}: {med[a][key] / med[b][key]:.3f} ({target})")
+
+    ratio("lora", "baseline", "tokens_per_s", "target >= 1.3")
+    ratio("plora", "lora", "tokens_per_s", "target >= 0.98")
+    ratio("plora", "lora", "peak_rss_mib", "target <= 1.01")
+    ratio("lora", "full", "peak_rss_mib", "LoRA's memory against full fine-tuning's")
+    unloads = [r["unload_seconds"] for r in runs if r["mode"] == "plora"]
+    if unloads:
+        unload = statistics.median(unloads)
+        share = unload / (PAPER_STAGE_STEPS * med["plora"]["step_seconds"])
+        print(f"  one unload: {unload * 1000:.1f} ms = {share:.3%} of a {PAPER_STAGE_STEPS}-step stage (target < 0.5%)")
 
 
 if __name__ == "__main__":

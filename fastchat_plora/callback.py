@@ -19,6 +19,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from transformers import Trainer, TrainerCallback
 
 from fastchat_plora.checkpoint import load_plora_state, save_plora_state
+from fastchat_plora.data import IGNORE_INDEX
 from fastchat_plora.plora import UnloadReport, next_stage, periodic_lr_lambda
 
 logger = logging.getLogger(__name__)
@@ -146,10 +147,43 @@ class PLoRATrainer(Trainer):
     re-runs it from its start (constant for the paper; warmup + cosine per stage as an option).
     """
 
-    def __init__(self, *args, stage_steps: int | None = None, compensation: dict | None = None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        stage_steps: int | None = None,
+        compensation: dict | None = None,
+        labeled_logits_only: bool = True,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         self.stage_steps = stage_steps
         self.compensation = {} if compensation is None else compensation
+        self.labeled_logits_only = labeled_logits_only
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Cross-entropy over the positions that carry a label only.
+
+        The LM head of a small model with a large vocabulary (SmolLM2: 49k x 576, a fifth of the
+        parameters) costs much of each step, and most positions (system prompt, question,
+        padding) have no label. Running the head on labeled positions alone gives the same loss
+        and gradients as the full logits, with less work and memory.
+        """
+        if not self.labeled_logits_only or return_outputs or "labels" not in inputs:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        causal_lm = self.accelerator.unwrap_model(model)
+        causal_lm = causal_lm.get_base_model() if isinstance(causal_lm, PeftModel) else causal_lm
+        labels = inputs["labels"]
+        hidden = causal_lm.get_decoder()(**{k: v for k, v in inputs.items() if k != "labels"}).last_hidden_state
+        targets = labels[:, 1:]
+        keep = targets != IGNORE_INDEX
+        logits = causal_lm.get_output_embeddings()(hidden[:, :-1][keep]).float()
+        loss = torch.nn.functional.cross_entropy(logits, targets[keep], reduction="sum")
+        if num_items_in_batch is None:  # the Trainer then divides by the accumulation steps itself
+            return loss / keep.sum()
+        loss = loss / num_items_in_batch  # the count over all accumulated micro-batches (and devices)
+        if self.args.average_tokens_across_devices:
+            loss = loss * self.accelerator.num_processes  # as the Trainer does for a model's own loss
+        return loss
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         super()._save(output_dir, state_dict)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import DataCollatorForSeq2Seq, PreTrainedModel
+from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening, PreTrainedModel
 
 from fastchat_plora.analyze import update_rank
 from fastchat_plora.args import ConfigError, parse_args, resolve_resume, target_modules, validate
@@ -62,6 +62,14 @@ def probe_layer(model: torch.nn.Module, lora_args) -> tuple[str, torch.Tensor]:
             weight = module.get_base_layer().weight if hasattr(module, "get_base_layer") else module.weight
             return name.removeprefix("base_model.model."), weight.detach().float().cpu().clone()
     raise ConfigError("no target layer to measure the update rank on")
+
+
+def make_collator(tokenizer, padding_free: bool):
+    """Padded batches (labels padded with -100), or one padding-free row per batch."""
+    if padding_free:
+        # position_ids restart at every conversation; attention then stays within each one
+        return DataCollatorWithFlattening(return_position_ids=True)
+    return DataCollatorForSeq2Seq(tokenizer, padding=True)
 
 
 def stage_length(plora_args, training_args) -> int | None:
@@ -125,11 +133,12 @@ def main(model_args, data_args, lora_args, plora_args, training_args) -> dict:
         model=model,
         args=training_args,
         train_dataset=dataset,
-        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True),
+        data_collator=make_collator(tokenizer, training_args.padding_free),
         processing_class=tokenizer,
         callbacks=callbacks,
         stage_steps=stage_steps,
         compensation=compensation,
+        labeled_logits_only=training_args.labeled_logits_only,
     )
     stop.install()
     try:

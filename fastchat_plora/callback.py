@@ -106,7 +106,8 @@ class PLoRACallback(TrainerCallback):
         self.bad_stages += 1
         logger.error(
             "stage %d ended with NaN/Inf in the adapters: not merged, adapters re-initialised (%d in a row)",
-            stage, self.bad_stages,
+            stage,
+            self.bad_stages,
         )
         if self.bad_stages >= self.max_bad_stages:
             raise TrainingDiverged(

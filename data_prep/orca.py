@@ -14,9 +14,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-from data_prep.common import Example, SourceError, Tally, conversation, read_records
+from data_prep.common import Example, Tally, conversation
 from data_prep.sources import source_main
-from data_prep.tulu import messages_to_example, tulu_examples
+from data_prep.tulu import messages_to_example, tulu_or_local
 
 PAPER_COUNT = 29683
 TULU_SUBSET = "open_orca"
@@ -44,17 +44,7 @@ def row_to_example(i: int, row: object, where: str, tally: Tally) -> Example | N
 
 
 def examples(data_dir: Path | None, tally: Tally, tulu_path: Path | None = None) -> Iterator[Example]:
-    if tulu_path is not None or data_dir is None:
-        yield from tulu_examples(TULU_SUBSET, "orca", tally, tulu_path)
-        return
-    files = sorted(p for p in (data_dir / "orca").rglob("*") if p.suffix in (".json", ".jsonl"))
-    if not files:
-        raise SourceError(f"orca: no .json/.jsonl files under {data_dir / 'orca'}; pass --tulu_path or use the hub")
-    for path in files:
-        for i, (where, row) in enumerate(read_records(path, tally)):
-            example = row_to_example(i, row, where, tally)
-            if example is not None:
-                yield example
+    return tulu_or_local("orca", TULU_SUBSET, row_to_example, data_dir, tally, tulu_path)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ hub (`allenai/tulu-v2-sft-mixture`) or a local JSONL file in that format (`--tul
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from data_prep.common import Example, SourceError, Tally, conversation, hub_rows, read_records, require_file
@@ -51,3 +51,25 @@ def tulu_examples(subset: str, prefix: str, tally: Tally, tulu_path: Path | None
             yield example
     if matched == 0:
         raise SourceError(f"no rows with dataset == {subset!r} in {tulu_path or TULU_HUB}; check --tulu_subset")
+
+
+def tulu_or_local(
+    source: str,
+    subset: str,
+    row_to_example: Callable[[int, object, str, Tally], Example | None],
+    data_dir: Path | None,
+    tally: Tally,
+    tulu_path: Path | None = None,
+) -> Iterator[Example]:
+    """The Tülu rows of `subset` (hub, or --tulu_path), else the original-format files in DATA_DIR/source/."""
+    if tulu_path is not None or data_dir is None:
+        yield from tulu_examples(subset, source, tally, tulu_path)
+        return
+    files = sorted(p for p in (data_dir / source).rglob("*") if p.suffix in (".json", ".jsonl"))
+    if not files:
+        raise SourceError(f"{source}: no .json/.jsonl files under {data_dir / source}; pass --tulu_path or use the hub")
+    for path in files:
+        for i, (where, row) in enumerate(read_records(path, tally)):
+            example = row_to_example(i, row, where, tally)
+            if example is not None:
+                yield example

@@ -110,9 +110,7 @@ def main(model_args, data_args, lora_args, plora_args, training_args) -> dict:
     output_dir = Path(training_args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     trim_events(output_dir / EVENTS_FILE, resume)
-    low_precision = DTYPES[model_args.model_dtype] != torch.float32
-    compensated = plora_args.merge_compensation == "on" or (plora_args.merge_compensation == "auto" and low_precision)
-    compensation = {} if compensated else None
+    compensation = {} if wants_compensation(plora_args, model_args) else None
     stop = StopRequest()
     callbacks = []
     if mode != "full":
@@ -153,12 +151,28 @@ def main(model_args, data_args, lora_args, plora_args, training_args) -> dict:
     final_model = model.unload() if mode != "full" else model
     if trainer.is_world_process_zero():
         save_model(final_model, tokenizer, output_dir)
+    summary = summarize(trainer, result, mode, stage_steps, trainable, probe_name, w0, final_model)
+    if trainer.is_world_process_zero():
+        write_run_files(output_dir, (model_args, data_args, lora_args, plora_args, training_args), summary)
+        (output_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
+    return summary
+
+
+def wants_compensation(plora_args, model_args) -> bool:
+    """Compensated merges: asked for, or by default for bf16/fp16 base weights."""
+    if plora_args.merge_compensation == "auto":
+        return DTYPES[model_args.model_dtype] != torch.float32
+    return plora_args.merge_compensation == "on"
+
+
+def summarize(trainer, result, mode, stage_steps, trainable, probe_name, w0, final_model) -> dict:
+    """The run summary: steps, stages, losses, and the rank of W_T - W_0 for the probed layer."""
     w_final = final_model.get_submodule(probe_name).weight
     rank = update_rank(w_final.detach().cpu(), w0, w_final.dtype)
-    summary = {
+    return {
         "finetune_mode": mode,
         "trainable_parameters": trainable,
-        "output_dir": str(output_dir),
+        "output_dir": trainer.args.output_dir,
         "steps": trainer.state.global_step,
         "stage_steps": stage_steps,
         "stages": -(-trainer.state.global_step // stage_steps) if stage_steps else 1,
@@ -166,10 +180,6 @@ def main(model_args, data_args, lora_args, plora_args, training_args) -> dict:
         "loss_by_stage": loss_by_stage(trainer.state.log_history, stage_steps),
         "rank_probe": {"layer": probe_name, **dataclasses.asdict(rank)},
     }
-    if trainer.is_world_process_zero():
-        write_run_files(output_dir, (model_args, data_args, lora_args, plora_args, training_args), summary)
-        (output_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
-    return summary
 
 
 def trim_events(path: Path, resume: Path | None) -> None:

@@ -47,6 +47,21 @@ class StopRequest:
         logger.warning("SIGTERM: saving a checkpoint after this step, then stopping")
         self.requested = True
 
+    def stopped_early(self, state) -> bool:
+        return self.requested and state.global_step < state.max_steps
+
+
+class PreemptionCallback(TrainerCallback):
+    """After a stop request, have the Trainer save a checkpoint at the end of this step and stop."""
+
+    def __init__(self, stop: StopRequest):
+        self.stop = stop
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.stop.stopped_early(state):
+            control.should_save = True
+            control.should_training_stop = True
+
 
 class PLoRACallback(TrainerCallback):
     """Unload at every stage boundary (every ``stage_steps`` optimizer steps) and once at the end.
@@ -76,21 +91,16 @@ class PLoRACallback(TrainerCallback):
         self.max_bad_stages = max_bad_stages
         self.stop = stop
         self.bad_stages = 0
-        self.preempted = False
         self.events: list[dict] = []
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         step = state.global_step
         if self.stage_steps and step % self.stage_steps == 0 and step < state.max_steps:
             self._unload(state, model, optimizer, step // self.stage_steps - 1, self.momentum, final=False)
-        if self.stop is not None and self.stop.requested and step < state.max_steps:
-            control.should_save = True
-            control.should_training_stop = True
-            self.preempted = True
 
     def on_train_end(self, args, state, control, model=None, optimizer=None, **kwargs):
-        if self.preempted:  # the checkpoint holds the live adapter; a resumed run finishes the stage
-            return
+        if self.stop is not None and self.stop.stopped_early(state):
+            return  # the checkpoint holds the live adapter; the resumed run finishes the stage
         step = state.global_step
         stage = (step - 1) // self.stage_steps if self.stage_steps else 0
         self._unload(state, model, None, stage, 0.0, final=True)

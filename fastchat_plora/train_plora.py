@@ -23,7 +23,13 @@ from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening, Pre
 
 from fastchat_plora.analyze import update_rank
 from fastchat_plora.args import ConfigError, parse_args, resolve_resume, target_modules, validate
-from fastchat_plora.callback import PLoRACallback, PLoRATrainer, StopRequest, TrainingDiverged
+from fastchat_plora.callback import (
+    PLoRACallback,
+    PLoRATrainer,
+    PreemptionCallback,
+    StopRequest,
+    TrainingDiverged,
+)
 from fastchat_plora.checkpoint import latest_checkpoint
 from fastchat_plora.data import load_conversations, make_dataset
 from fastchat_plora.models import DTYPES, load_model, load_tokenizer, resolve_model_path, save_model
@@ -112,7 +118,7 @@ def main(model_args, data_args, lora_args, plora_args, training_args) -> dict:
     trim_events(output_dir / EVENTS_FILE, resume)
     compensation = {} if wants_compensation(plora_args, model_args) else None
     stop = StopRequest()
-    callbacks = []
+    callbacks = [PreemptionCallback(stop)]
     if mode != "full":
         callbacks.append(
             PLoRACallback(
@@ -143,7 +149,7 @@ def main(model_args, data_args, lora_args, plora_args, training_args) -> dict:
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     finally:
         stop.uninstall()
-    if stop.requested and trainer.state.global_step < trainer.state.max_steps:
+    if stop.stopped_early(trainer.state):
         checkpoint = latest_checkpoint(output_dir)
         return {"preempted": True, "steps": trainer.state.global_step, "checkpoint": str(checkpoint)}
 

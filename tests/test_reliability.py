@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fastchat_plora.callback import PLoRACallback, PLoRATrainer, TrainingDiverged
+from fastchat_plora.callback import PLoRACallback, PLoRATrainer, PreemptionCallback, StopRequest, TrainingDiverged
 from fastchat_plora.checkpoint import latest_checkpoint
 from fastchat_plora.plora import lora_layers
 from fastchat_plora.train_plora import cli
@@ -183,3 +183,19 @@ def test_callback_stops_after_consecutive_bad_stages():
     with pytest.raises(TrainingDiverged, match="2 consecutive stages"):
         callback.on_step_end(None, state, control, model=model)
     assert [e["skipped_non_finite"] for e in callback.events] == [True, False, True, True]
+
+
+def test_stop_request_saves_and_stops_in_every_mode():
+    # PreemptionCallback is registered for full fine-tuning too, not only with the PLoRA callback.
+    stop = StopRequest()
+    callback = PreemptionCallback(stop)
+    state = SimpleNamespace(global_step=3, max_steps=10)
+    control = SimpleNamespace(should_save=False, should_training_stop=False)
+    callback.on_step_end(None, state, control)
+    assert not control.should_save and not control.should_training_stop
+    stop.requested = True
+    callback.on_step_end(None, state, control)
+    assert control.should_save and control.should_training_stop
+    state.global_step, control.should_save = 10, False  # a request during the last step changes nothing
+    callback.on_step_end(None, state, control)
+    assert not control.should_save

@@ -139,14 +139,18 @@ def test_real_model_writes_result_files(tiny_model_dir, data_dir, tmp_path):
     assert len((out / "samples_mmlu.jsonl").read_text().splitlines()) == 57
 
 
+def train_tiny_plora(model_dir: Path, tmp_path: Path, out: Path, *extra: str) -> None:
+    """A few PLoRA steps (stages of 2) of the tiny model on made-up conversations, with checkpoints."""
+    data = write_conversations(tmp_path / "c.jsonl")
+    code = cli(["--model_name_or_path", str(model_dir), "--data_path", str(data), "--output_dir", str(out),
+                "--unload_every_steps", "2", "--model_max_length", "64", "--disable_tqdm", "True", *extra])  # fmt: skip
+    assert code == 0
+
+
 def test_a_plora_checkpoint_folds_into_the_model_it_was(tiny_model_dir, tmp_path):
     # Momentum 0 and a checkpoint at the last step: the final unload merges exactly the live adapter.
-    data = write_conversations(tmp_path / "c.jsonl")
     out = tmp_path / "run"
-    code = cli(["--model_name_or_path", str(tiny_model_dir), "--data_path", str(data), "--output_dir", str(out),
-                "--max_steps", "3", "--unload_every_steps", "2", "--save_steps", "3", "--learning_rate", "1e-2",
-                "--model_max_length", "64", "--disable_tqdm", "True"])  # fmt: skip
-    assert code == 0
+    train_tiny_plora(tiny_model_dir, tmp_path, out, "--max_steps", "3", "--save_steps", "3", "--learning_rate", "1e-2")
     folded, _ = load_for_eval(out / "checkpoint-3")
     final, _ = load_for_eval(out)
     ids = torch.arange(20).unsqueeze(0)
@@ -232,12 +236,8 @@ def test_table1_from_hand_written_results(tmp_path):
 def test_sweep_is_resumable_and_figures_are_pngs(tiny_model_dir, data_dir, tmp_path, capsys):
     from eval import figures, sweep
 
-    data = write_conversations(tmp_path / "c.jsonl")
     run = tmp_path / "run"
-    code = cli(["--model_name_or_path", str(tiny_model_dir), "--data_path", str(data), "--output_dir", str(run),
-                "--max_steps", "4", "--unload_every_steps", "2", "--save_steps", "2", "--logging_steps", "1",
-                "--model_max_length", "64", "--disable_tqdm", "True"])  # fmt: skip
-    assert code == 0
+    train_tiny_plora(tiny_model_dir, tmp_path, run, "--max_steps", "4", "--save_steps", "2", "--logging_steps", "1")
     flags = ["--run_dir", str(run), "--output_dir", str(tmp_path / "sweep"), "--tasks", "arc_easy",
              "--data_dir", str(data_dir), "--batch_size", "2"]  # fmt: skip
     assert sweep.main(flags) == 0

@@ -23,6 +23,9 @@ class ModelPathError(ValueError):
 
 
 def load_for_eval(path: str | Path, device: str = "cpu"):
+    if looks_like_hub_id(path):  # e.g. the base model of a paper-scale table row
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+        return model.to(device).eval(), AutoTokenizer.from_pretrained(str(path))
     path = Path(path)
     if not path.is_dir():
         raise ModelPathError(f"model directory not found: {path}")
@@ -34,6 +37,12 @@ def load_for_eval(path: str | Path, device: str = "cpu"):
         raise ModelPathError(f"{path} holds no model (no config.json, nor a LoRA/PLoRA checkpoint)")
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model.to(device).eval(), tokenizer
+
+
+def looks_like_hub_id(path: str | Path) -> bool:
+    """`org/name` that is not a local path: a model on the hub (or in its local cache)."""
+    text = str(path)
+    return not Path(text).exists() and text.count("/") == 1 and not text.startswith((".", "/", "~"))
 
 
 def fold_checkpoint(path: Path):

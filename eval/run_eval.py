@@ -1,7 +1,9 @@
 """Evaluate a model directory with lm-evaluation-harness, zero-shot, in the training prompt format.
 
     python -m eval.run_eval --model_path runs/demo --tasks gsm8k,mmlu,arc_easy,arc_challenge \
-        [--data_dir ../shared/data] [--limit N] --output_dir runs/demo/eval
+        [--data_dir ../shared/data] [--limit N] [--mmlu_limit N] --output_dir runs/demo/eval
+
+`--tasks gsm8k_loss` computes the GSM8K held-out loss alone (no generation; cheap on a CPU).
 
 Reads a plain HF model directory (what train_plora.py writes, or a full-fine-tuning checkpoint) or a
 LoRA/PLoRA checkpoint-N (its adapter and merged base weights are folded into the base model). The
@@ -31,6 +33,7 @@ from eval.tasks.utils import extract_flexible, extract_strict, gsm8k_gold
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 DEFAULT_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 TASKS = ("gsm8k", "mmlu", "arc_easy", "arc_challenge")
+LOSS_TASK = "gsm8k_loss"  # the GSM8K held-out loss alone, without generation (cheap on a CPU)
 MMLU_CATEGORIES = {"humanities": "Humanities", "stem": "STEM", "social_sciences": "Social Sciences", "other": "Other"}
 logger = logging.getLogger("eval")
 
@@ -151,14 +154,31 @@ def summarize(raw: dict, tasks: list[str]) -> dict:
     return metrics
 
 
-def run_harness(lm, tasks: list[str], configs: list[dict], limit: int | None) -> tuple[dict, dict]:
-    """Zero-shot, chat-templated harness run of `configs` on any harness LM; raw output and metrics."""
+def run_harness(lm, tasks: list[str], configs: list[dict], limit: int | None, mmlu_limit: int | None = None):
+    """Zero-shot, chat-templated harness run of `configs` on any harness LM; raw output and metrics.
+
+    MMLU's 57 subjects may take their own per-subject limit; the harness takes one limit per
+    call, so they then run as a second call whose results and samples join the first's.
+    """
     import lm_eval
 
-    raw = lm_eval.simple_evaluate(
-        model=lm, tasks=configs, limit=limit, apply_chat_template=True, log_samples=True,
-        bootstrap_iters=0, random_seed=0, numpy_random_seed=0, torch_random_seed=0,
-    )  # fmt: skip
+    def harness(subset: list[dict], n: int | None) -> dict:
+        return lm_eval.simple_evaluate(
+            model=lm, tasks=subset, limit=n, apply_chat_template=True, log_samples=True,
+            bootstrap_iters=0, random_seed=0, numpy_random_seed=0, torch_random_seed=0,
+        )  # fmt: skip
+
+    if mmlu_limit is None:
+        raw = harness(configs, limit)
+        return raw, summarize(raw, tasks)
+    raw = {"results": {}, "samples": {}}
+    mmlu = [c for c in configs if c["task"].startswith("mmlu_local_")]
+    rest = [c for c in configs if c not in mmlu]
+    for subset, n in ((rest, limit), (mmlu, mmlu_limit)):
+        if subset:
+            part = harness(subset, n)
+            raw["results"].update(part["results"])
+            raw["samples"].update(part["samples"])
     return raw, summarize(raw, tasks)
 
 
@@ -183,26 +203,34 @@ def write_atomically(files: dict[str, str], output_dir: Path) -> None:
 
 def evaluate(args: argparse.Namespace) -> dict:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    unknown = [t for t in tasks if t not in TASKS]
+    unknown = [t for t in tasks if t not in (*TASKS, LOSS_TASK)]
     if unknown or not tasks:
-        raise EvalError(f"unknown task(s) {unknown or args.tasks!r}; choose from {','.join(TASKS)}")
+        raise EvalError(f"unknown task(s) {unknown or args.tasks!r}; choose from {','.join((*TASKS, LOSS_TASK))}")
     data_dir = Path(args.data_dir) if args.data_dir else DEFAULT_DATA
     if not data_dir.is_dir():
         raise EvalError(f"data directory not found: {data_dir} (pass --data_dir)")
-    configs = task_configs(tasks, data_dir)  # checks every data file before the model loads
+    harness_tasks = [t for t in tasks if t != LOSS_TASK]
+    configs = task_configs(harness_tasks, data_dir)  # checks every data file before the model loads
+    wants_loss = "gsm8k" in tasks or LOSS_TASK in tasks
+    gsm8k_test = data_dir / "gsm8k" / "test.jsonl"
+    if wants_loss and not gsm8k_test.is_file():
+        raise EvalError(f"missing local data for the held-out loss: {gsm8k_test} (pass --data_dir)")
     model, tokenizer = load_for_eval(args.model_path, args.device)
 
     from lm_eval.models.huggingface import HFLM
 
     start = time.perf_counter()
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size, device=args.device)
-    raw, metrics = run_harness(lm, tasks, configs, args.limit)
-    if "gsm8k" in tasks:
-        metrics["gsm8k"]["heldout_loss"] = heldout_loss(model, tokenizer, data_dir, args.limit)
+    raw, metrics = {"samples": {}}, {}
+    if harness_tasks:
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size, device=args.device)
+        raw, metrics = run_harness(lm, harness_tasks, configs, args.limit, args.mmlu_limit)
+    if wants_loss:
+        metrics.setdefault("gsm8k", {})["heldout_loss"] = heldout_loss(model, tokenizer, data_dir, args.limit)
     results = {
         "model_path": str(args.model_path),
         "tasks": tasks,
         "limit": args.limit,
+        "mmlu_limit": args.mmlu_limit,
         "data_dir": str(data_dir),
         "metrics": metrics,
         "seconds": round(time.perf_counter() - start, 1),
@@ -210,7 +238,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     files = {"results.json": json.dumps(results, indent=2)}
     groups = {"gsm8k": ["gsm8k_local"], "arc_easy": ["arc_easy_local"], "arc_challenge": ["arc_challenge_local"]}
     groups["mmlu"] = [f"mmlu_local_{s}" for s in sorted(mmlu_subjects())]
-    for task in tasks:
+    for task in harness_tasks:
         rows = [dict(r, subtask=name) for name in groups[task] for r in sample_rows(name, raw["samples"][name])]
         files[f"samples_{task}.jsonl"] = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     write_atomically(files, Path(args.output_dir))
@@ -223,6 +251,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, from {','.join(TASKS)}")
     parser.add_argument("--data_dir", default=None, help="local files (default: ../shared/data)")
     parser.add_argument("--limit", type=int, default=None, help="first N items of each task (and MMLU subject)")
+    parser.add_argument("--mmlu_limit", type=int, default=None, help="first N of each MMLU subject (default: --limit)")
     parser.add_argument("--output_dir", required=True, help="where results.json and samples_<task>.jsonl go")
     parser.add_argument("--batch_size", default="16", help="harness batch size (an int, or 'auto')")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

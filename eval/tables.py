@@ -13,6 +13,7 @@ import argparse
 import csv
 import io
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -45,10 +46,10 @@ def run_labels(model_path: Path) -> dict:
 
 def metric_columns(metrics: dict) -> dict:
     row = {}
-    if "gsm8k" in metrics:
+    if "exact_match_flexible" in metrics.get("gsm8k", {}):
         row["GSM8K"] = 100 * metrics["gsm8k"]["exact_match_flexible"]
-        if "heldout_loss" in metrics["gsm8k"]:
-            row["GSM8K loss"] = metrics["gsm8k"]["heldout_loss"]["loss"]
+    if "heldout_loss" in metrics.get("gsm8k", {}):
+        row["GSM8K loss"] = metrics["gsm8k"]["heldout_loss"]["loss"]
     for key in MMLU:
         if key in metrics.get("mmlu", {}):
             row[f"MMLU {key}"] = 100 * metrics["mmlu"][key]
@@ -66,17 +67,33 @@ LAYOUTS = {  # which label columns each table shows, in the paper's order
 
 
 def build_rows(results_files: list[Path], table: int) -> list[dict]:
-    rows = []
+    """One row per configuration: runs that differ only in their seed are averaged.
+
+    Such a row holds each metric's mean, its standard deviation across seeds (`<metric> std`,
+    when there are two or more) and the number of seeds.
+    """
+    groups: dict[tuple, list[dict]] = {}
     for path in results_files:
         results = json.loads(path.read_text())
         labels = run_labels(Path(results["model_path"]))
-        row = {key: labels.get(key, "") for key in LAYOUTS[table]}
-        row.update(metric_columns(results["metrics"]))
+        key = tuple((k, labels.get(k, "")) for k in LAYOUTS[table])
+        groups.setdefault(key, []).append(metric_columns(results["metrics"]))
+    rows = []
+    for key, runs in groups.items():
+        row = dict(key)
+        row["seeds"] = len(runs)
+        for metric in dict.fromkeys(m for run in runs for m in run):
+            values = [run[metric] for run in runs if metric in run]
+            row[metric] = statistics.fmean(values)
+            if len(values) > 1:
+                row[f"{metric} std"] = statistics.stdev(values)
         rows.append(row)
     return rows
 
 
 def fmt(value) -> str:
+    if value is None:
+        return ""
     if isinstance(value, float):
         return f"{value:.2f}" if abs(value) >= 0.01 or value == 0 else f"{value:.1e}"
     if isinstance(value, int) and value >= 10_000:
@@ -84,10 +101,18 @@ def fmt(value) -> str:
     return str(value)
 
 
+def fmt_cell(row: dict, column: str) -> str:
+    """A metric with a spread across seeds shows as mean ± std."""
+    cell = fmt(row.get(column, ""))
+    if f"{column} std" in row:
+        cell += f" ± {fmt(row[f'{column} std'])}"
+    return cell
+
+
 def to_markdown(rows: list[dict]) -> str:
-    columns = list(dict.fromkeys(k for row in rows for k in row))
+    columns = [c for c in dict.fromkeys(k for row in rows for k in row) if not c.endswith(" std")]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(fmt(row.get(c, "")) for c in columns) + " |" for row in rows]
+    lines += ["| " + " | ".join(fmt_cell(row, c) for c in columns) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -103,7 +128,7 @@ def to_csv(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--table", type=int, choices=sorted(LAYOUTS), required=True, help="the paper's table number")
-    parser.add_argument("--results", nargs="+", required=True, help="results.json files, one per row")
+    parser.add_argument("--results", nargs="+", required=True, help="results.json files (seeds share a row)")
     parser.add_argument("--output_dir", required=True)
     args = parser.parse_args(argv)
     missing = [p for p in args.results if not Path(p).is_file()]

@@ -23,6 +23,7 @@ from fastchat_plora.plora import INIT_METHODS, MOMENTUM_MODES
 
 ALL_LINEAR = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # the paper's seven layers
 FINETUNE_MODES = ("full", "lora", "plora")
+INCLUDE_KEY = "include"  # a config key that reads another config first
 
 
 class ConfigError(ValueError):
@@ -54,6 +55,10 @@ class DataArguments:
         metadata={"help": "FastChat template name (e.g. vicuna_v1.1). Default: the tokenizer's chat template."},
     )
     model_max_length: int = field(default=1024, metadata={"help": "Conversations are truncated to this many tokens."})
+    max_train_samples: int | None = field(
+        default=None,
+        metadata={"help": "Train on the first N conversations only (the mix files are shuffled when built)."},
+    )
 
 
 @dataclass
@@ -140,23 +145,36 @@ def field_names() -> set[str]:
     return {f.name for cls in ARG_CLASSES for f in dataclasses.fields(cls) if f.init}
 
 
-def load_config(path: str) -> dict:
-    """Read a YAML config whose keys are flag names; unknown keys are errors naming the key."""
-    if not Path(path).is_file():
+def load_config(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
+    """Read a YAML config whose keys are flag names; unknown keys are errors naming the key.
+
+    `include: other.yaml` (a path relative to this file, or a list of them) reads shared settings
+    first; this file's own keys override them. The experiment configs use it so that each file
+    shows only what sets its run apart.
+    """
+    path = Path(path)
+    if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
+    if path.resolve() in _seen:
+        raise ConfigError(f"config {path} includes itself (through {' -> '.join(str(p) for p in _seen)})")
     try:
-        config = yaml.safe_load(Path(path).read_text()) or {}
+        config = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"config {path} is not valid YAML: {e}".splitlines()[0]) from None
     if not isinstance(config, dict):
         raise ConfigError(f"config {path} must be a mapping of flag names to values")
+    includes = config.pop(INCLUDE_KEY, None) or []
+    merged = {}
+    for included in [includes] if isinstance(includes, str) else includes:
+        merged.update(load_config(path.parent / included, (*_seen, path.resolve())))
     known = field_names()
     for key in config:
         if key not in known:
             raise ConfigError(f"unknown config key {key!r} in {path}")
     if isinstance(config.get("lora_target_modules"), list):
         config["lora_target_modules"] = ",".join(config["lora_target_modules"])
-    return config
+    merged.update(config)
+    return merged
 
 
 def config_to_argv(config: dict) -> list[str]:
@@ -200,6 +218,8 @@ def validate(model_args, data_args, lora_args, plora_args, training_args) -> Non
         check_conv_template(data_args.conv_template)
     if data_args.model_max_length <= 0:
         raise ConfigError(f"model_max_length={data_args.model_max_length}: must be positive")
+    if data_args.max_train_samples is not None and data_args.max_train_samples <= 0:
+        raise ConfigError(f"max_train_samples={data_args.max_train_samples}: must be positive")
     if mode != "full":
         if lora_args.lora_r <= 0:
             raise ConfigError(f"lora_r={lora_args.lora_r}: must be a positive integer")
@@ -264,3 +284,29 @@ def check_output_dir(training_args) -> None:
         raise ConfigError(
             f"output_dir={out!r} already holds a run; pass --overwrite_output_dir or --resume_from_checkpoint"
         )
+
+
+def check_configs(paths: list[str]) -> None:
+    """Parse and validate configs as a run would, without loading anything; raise ConfigError.
+
+    Used by the launch scripts before they start a job. On a machine without a GPU the check adds
+    --use_cpu, since TrainingArguments refuses a GPU config's bf16 there.
+    """
+    import tempfile
+
+    import torch
+
+    device_flags = [] if torch.cuda.is_available() else ["--use_cpu", "True"]
+    for path in paths:
+        with tempfile.TemporaryDirectory() as scratch:
+            flags = ["--config", path, "--output_dir", os.path.join(scratch, "run"), *device_flags]
+            validate(*parse_args(flags))
+
+
+if __name__ == "__main__":
+    try:
+        check_configs(sys.argv[1:])
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"{len(sys.argv) - 1} config(s) valid")

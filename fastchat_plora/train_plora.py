@@ -103,6 +103,8 @@ def main(model_args, data_args, lora_args, plora_args, training_args) -> dict:
     resume = resolve_resume(training_args)
 
     conversations = load_conversations(data_args.data_path)  # bad data fails before any model loads
+    if data_args.max_train_samples is not None:
+        conversations = conversations[: data_args.max_train_samples]
     model_path = resolve_model_path(model_args.model_name_or_path)
     tokenizer = load_tokenizer(model_path, data_args.model_max_length)
     model = load_model(model_path, model_args.model_dtype, model_args.attn_implementation)

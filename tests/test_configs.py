@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from fastchat_plora.args import parse_args, validate
+from fastchat_plora.args import ConfigError, load_config, parse_args, validate
 
-CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").rglob("*.yaml"))
+REPO = Path(__file__).resolve().parent.parent
+ALL_YAML = sorted((REPO / "configs").rglob("*.yaml"))
+SHARED = [p for p in ALL_YAML if p.name.startswith("_")]  # included by others, not runs of their own
+CONFIGS = [p for p in ALL_YAML if p not in SHARED]
+EXPERIMENTS = ("table1", "table2", "table3", "figure2", "figure3", "figure4")
 
 
 def test_there_are_configs():
-    assert CONFIGS
+    assert CONFIGS and SHARED
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_config_parses_and_validates(path, tmp_path):
     # --use_cpu: the GPU configs ask for bf16, which TrainingArguments refuses on a CPU-only machine.
     flags = ["--data_path", "x.jsonl", "--output_dir", str(tmp_path / "out"), "--use_cpu", "True"]
@@ -23,7 +29,55 @@ def test_config_parses_and_validates(path, tmp_path):
     validate(*args)
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", ALL_YAML, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_config_header_names_its_command(path):
     header = path.read_text().split("\n\n")[0]
     assert header.startswith("#") and ("python -m" in header or "torchrun" in header or "bash " in header)
+
+
+@pytest.mark.parametrize("scale", ["small", "paper"])
+def test_every_experiment_has_configs_at_both_scales(scale):
+    for experiment in EXPERIMENTS:
+        assert list((REPO / "configs" / scale).glob(f"{experiment}_*.yaml")), f"{scale}/{experiment}"
+
+
+def test_small_configs_mirror_the_paper_ones():
+    def runs(scale):  # table 2's sample counts differ by scale; the structure must not
+        return {p.name.rsplit("_qv_", 1)[0] for p in CONFIGS if p.parent.name == scale}
+
+    assert runs("small") == runs("paper")
+
+
+def test_paper_configs_hold_the_papers_settings(tmp_path):
+    config = load_config(REPO / "configs" / "paper" / "table1_plora_r8.yaml")
+    assert config["learning_rate"] == 1e-4 and config["adam_beta2"] == 0.99
+    assert config["lr_scheduler_type"] == "constant" and config["unload_every_samples"] == 4800
+    assert config["per_device_train_batch_size"] * 8 == 24
+    assert config["lora_target_modules"].split(",") == [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+    ]  # fmt: skip
+    momenta = {load_config(p)["unload_momentum"] for p in (REPO / "configs" / "paper").glob("figure2_*.yaml")}
+    assert momenta == {0, 0.1, 0.3}
+
+
+def test_include_reads_shared_settings_and_lets_the_file_override(tmp_path):
+    (tmp_path / "base.yaml").write_text("lora_r: 4\nlearning_rate: 1.0e-4\n")
+    (tmp_path / "run.yaml").write_text("include: base.yaml\nlora_r: 8\n")
+    assert load_config(tmp_path / "run.yaml") == {"lora_r": 8, "learning_rate": 1e-4}
+
+
+def test_include_cycle_and_missing_include_are_errors(tmp_path):
+    (tmp_path / "a.yaml").write_text("include: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("include: a.yaml\n")
+    with pytest.raises(ConfigError, match="includes itself"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("include: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match="nowhere.yaml"):
+        load_config(tmp_path / "c.yaml")
+
+
+def test_config_check_command_names_the_bad_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("include: " + str(REPO / "configs" / "small" / "_common.yaml") + "\nlora_rank: 8\n")
+    proc = subprocess.run([sys.executable, "-m", "fastchat_plora.args", str(bad)], capture_output=True, text=True)
+    assert proc.returncode == 2 and "lora_rank" in proc.stderr

@@ -222,15 +222,31 @@ def test_table1_from_hand_written_results(tmp_path):
     ]
     assert tables.main(["--table", "1", "--results", *map(str, files), "--output_dir", str(tmp_path / "t")]) == 0
     assert (tmp_path / "t" / "table1.md").read_text() == (
-        "| method | r | trainable params | GSM8K | GSM8K loss | MMLU Humanities | MMLU STEM | MMLU Social Sciences"
-        " | MMLU Other | MMLU Average | ARC-E | ARC-C |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
-        "| base |  |  | 12.50 | 0.75 | 30.00 | 25.00 | 40.00 | 50.00 | 36.00 | 50.00 | 25.00 |\n"
-        "| PLoRA | 8 | 4.19M | 12.50 | 0.75 | 30.00 | 25.00 | 40.00 | 50.00 | 36.00 | 50.00 | 25.00 |\n"
+        "| method | r | trainable params | seeds | GSM8K | GSM8K loss | MMLU Humanities | MMLU STEM"
+        " | MMLU Social Sciences | MMLU Other | MMLU Average | ARC-E | ARC-C |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "| base |  |  | 1 | 12.50 | 0.75 | 30.00 | 25.00 | 40.00 | 50.00 | 36.00 | 50.00 | 25.00 |\n"
+        "| PLoRA | 8 | 4.19M | 1 | 12.50 | 0.75 | 30.00 | 25.00 | 40.00 | 50.00 | 36.00 | 50.00 | 25.00 |\n"
     )
     assert tables.main(["--table", "2", "--results", str(files[1]), "--output_dir", str(tmp_path / "t")]) == 0
     assert "| PLoRA | q,v | 8 | 4800 samples |" in (tmp_path / "t" / "table2.md").read_text()
-    assert (tmp_path / "t" / "table2.csv").read_text().startswith("method,modules,r,unload every,GSM8K")
+    assert (tmp_path / "t" / "table2.csv").read_text().startswith("method,modules,r,unload every,seeds,GSM8K")
+
+
+def test_runs_differing_only_in_seed_share_a_row_with_mean_and_std(tmp_path):
+    from eval import tables
+
+    args = {"finetune_mode": "lora", "lora_r": 1, "lora_target_modules": "q_proj", "learning_rate": 1e-4}
+    losses = {"seed1": 0.70, "seed2": 0.80, "seed3": 0.90}
+    files = [
+        fake_run(tmp_path, name, {**args, "seed": i}, {}, {"gsm8k": {"heldout_loss": {"loss": loss}}})
+        for i, (name, loss) in enumerate(losses.items())
+    ]
+    rows = tables.build_rows(files, 1)
+    assert len(rows) == 1 and rows[0]["seeds"] == 3
+    assert rows[0]["GSM8K loss"] == pytest.approx(0.8) and rows[0]["GSM8K loss std"] == pytest.approx(0.1)
+    assert "| LoRA | 1 |  | 3 | 0.80 ± 0.10 |" in tables.to_markdown(rows)
+    assert "GSM8K loss std" in tables.to_csv(rows).splitlines()[0]
 
 
 def test_sweep_is_resumable_and_figures_are_pngs(tiny_model_dir, data_dir, tmp_path, capsys):

@@ -1,0 +1,126 @@
+#!/usr/bin/env bash
+# Reproduce one of the paper's experiments: train each of its runs, evaluate them, write its table
+# or figure, and measure the rank of each run's update.
+#
+#   bash launch/reproduce.sh EXPERIMENT [SCALE]
+#
+# EXPERIMENT: table1 table2 table3 figure2 figure3 figure4 (the runs are configs/SCALE/EXPERIMENT_*.yaml).
+# SCALE: small (default: the embedded SmolLM2-135M on one CPU or GPU, every length scaled down) or
+#        paper (LLaMA-7B on NPROC GPUs through torchrun, global batch 24 as in the paper).
+# Resumable: a run with a summary.json is not trained again, one with checkpoints resumes from the
+# newest, an evaluation with a results.json is skipped. The mix must exist first:
+#   python -m data_prep.build_mix --output_dir data/mix [--data_dir ../shared/data]
+# DRY_RUN=1 prints every command and checks every config without running anything.
+set -euo pipefail
+
+# ---- knobs (environment variables) ----
+RUNS_DIR="${RUNS_DIR:-runs}"            # runs land in RUNS_DIR/SCALE/<config name>/seed<SEED>
+RESULTS_DIR="${RESULTS_DIR:-results}"   # tables and figures land in RESULTS_DIR/SCALE/EXPERIMENT
+SEEDS="${SEEDS:-42}"                    # several seeds, space-separated: table rows show mean ± std
+NPROC="${NPROC:-8}"                     # paper scale: GPUs on this node
+GLOBAL_BATCH="${GLOBAL_BATCH:-24}"      # paper scale: per-device batch x accumulation x NPROC
+DATA_DIR="${DATA_DIR:-}"                # local benchmark files for evaluation (default ../shared/data)
+DRY_RUN="${DRY_RUN:-0}"
+TRAIN_ARGS="${TRAIN_ARGS:-}"            # extra flags for every training run, e.g. "--report_to wandb"
+
+main() {
+    local experiment="${1:?usage: bash launch/reproduce.sh EXPERIMENT [small|paper]}"
+    local scale="${2:-small}"
+    source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+    cd "$REPO"
+    case "$scale" in small | paper) ;; *) fail "scale '$scale': expected small or paper" ;; esac
+    shopt -s nullglob
+    local configs=(configs/"$scale"/"$experiment"_*.yaml)
+    [ ${#configs[@]} -gt 0 ] || fail "experiment '$experiment': no configs/$scale/${experiment}_*.yaml"
+    set_scale "$scale"
+    "$PY" -m fastchat_plora.args "${configs[@]}"  # every config checked before any run starts
+
+    local cfg seed run runs=()
+    for cfg in "${configs[@]}"; do
+        for seed in $SEEDS; do
+            run="$RUNS_DIR/$scale/$(basename "$cfg" .yaml)/seed$seed"
+            train "$cfg" "$run" "$seed"
+            runs+=("$run")
+        done
+    done
+
+    local out="$RESULTS_DIR/$scale/$experiment" evals=()
+    for run in "${runs[@]}"; do evals+=("$run/eval/results.json"); done
+    case "$experiment" in
+        table1)
+            evaluate "$BASE_MODEL" "$RUNS_DIR/$scale/base/eval"
+            for run in "${runs[@]}"; do evaluate "$run" "$run/eval"; done
+            show "$PY" -m eval.tables --table 1 --output_dir "$out" \
+                --results "$RUNS_DIR/$scale/base/eval/results.json" "${evals[@]}"
+            for run in "${runs[@]}"; do rank "$run"; done ;;
+        table2 | table3)
+            for run in "${runs[@]}"; do evaluate "$run" "$run/eval"; done
+            show "$PY" -m eval.tables --table "${experiment#table}" --output_dir "$out" --results "${evals[@]}" ;;
+        figure2)
+            show "$PY" -m eval.figures loss --runs "${runs[@]}" --smooth "$LOSS_SMOOTH" --output "$out/figure2.png" ;;
+        figure3 | figure4)
+            for run in "${runs[@]}"; do sweep "$run"; done
+            show "$PY" -m eval.figures sweep --sweeps "${runs[@]/%//sweep}" --metric "$SWEEP_METRIC" \
+                --window "$SWEEP_WINDOW" --output "$out/$experiment.png" ;;
+    esac
+}
+
+set_scale() {
+    if [ "$1" = small ]; then
+        LAUNCH=("$PY" -m fastchat_plora.train_plora)
+        BASE_MODEL="$("$PY" -c 'from fastchat_plora.models import resolve_model_path; print(resolve_model_path(None))')"
+        EVAL_FLAGS=(--tasks gsm8k_loss,arc_easy,arc_challenge,mmlu --limit 100 --mmlu_limit 2)
+        SWEEP_FLAGS=(--tasks gsm8k_loss --limit 100)
+        SWEEP_METRIC=gsm8k_loss SWEEP_WINDOW=3 LOSS_SMOOTH=8
+        SCALE_FLAGS=()
+    else
+        local per_device=3
+        (( GLOBAL_BATCH % (NPROC * per_device) == 0 )) \
+            || fail "GLOBAL_BATCH=$GLOBAL_BATCH is not a multiple of NPROC=$NPROC x $per_device per device"
+        LAUNCH=(torchrun --nproc_per_node "$NPROC" -m fastchat_plora.train_plora)
+        BASE_MODEL=huggyllama/llama-7b
+        EVAL_FLAGS=(--tasks gsm8k,mmlu,arc_easy,arc_challenge)
+        SWEEP_FLAGS=(--tasks gsm8k)
+        SWEEP_METRIC=gsm8k SWEEP_WINDOW=10 LOSS_SMOOTH=150
+        SCALE_FLAGS=(--gradient_accumulation_steps $(( GLOBAL_BATCH / (NPROC * per_device) )))
+    fi
+    DATA_FLAGS=()
+    if [ -n "$DATA_DIR" ]; then DATA_FLAGS=(--data_dir "$DATA_DIR"); fi
+}
+
+train() {  # config, run dir, seed
+    local cfg="$1" run="$2" seed="$3" resume=()
+    if [ -f "$run/summary.json" ]; then echo "= $run: trained"; return; fi
+    if compgen -G "$run/checkpoint-*/trainer_state.json" > /dev/null; then
+        resume=(--resume_from_checkpoint latest)
+    elif [ -d "$run" ]; then
+        resume=(--overwrite_output_dir True)  # died before its first checkpoint: start over
+    fi
+    # shellcheck disable=SC2086  # TRAIN_ARGS is a list of flags
+    show "${LAUNCH[@]}" --config "$cfg" --output_dir "$run" --seed "$seed" \
+        "${SCALE_FLAGS[@]}" "${resume[@]}" $TRAIN_ARGS
+}
+
+evaluate() {  # model, output dir
+    if [ -f "$2/results.json" ]; then echo "= $2: evaluated"; return; fi
+    show "$PY" -m eval.run_eval --model_path "$1" "${EVAL_FLAGS[@]}" "${DATA_FLAGS[@]}" --output_dir "$2"
+}
+
+sweep() {  # run dir
+    show "$PY" -m eval.sweep --run_dir "$1" --output_dir "$1/sweep" "${SWEEP_FLAGS[@]}" "${DATA_FLAGS[@]}"
+}
+
+rank() {  # run dir
+    if [ -f "$1/rank/rank.json" ]; then echo "= $1: rank measured"; return; fi
+    show "$PY" -m fastchat_plora.analyze --model_path "$1" --base_model "$BASE_MODEL" --output_dir "$1/rank"
+}
+
+show() {  # print a command, then run it unless DRY_RUN=1
+    echo "+ $*"
+    if [ "$DRY_RUN" = 1 ]; then return; fi
+    "$@"
+}
+
+fail() { echo "error: $*" >&2; exit 2; }
+
+main "$@"; exit $?

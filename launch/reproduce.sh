@@ -69,7 +69,7 @@ set_scale() {
     if [ "$1" = small ]; then
         LAUNCH=("$PY" -m fastchat_plora.train_plora)
         BASE_MODEL="$("$PY" -c 'from fastchat_plora.models import resolve_model_path; print(resolve_model_path(None))')"
-        EVAL_FLAGS=(--tasks gsm8k_loss,arc_easy,arc_challenge,mmlu --limit 100 --mmlu_limit 2)
+        EVAL_FLAGS=(--tasks gsm8k_loss,arc_easy,arc_challenge,mmlu --limit 100 --mmlu_limit 1)
         SWEEP_FLAGS=(--tasks gsm8k_loss --limit 100)
         SWEEP_METRIC=gsm8k_loss SWEEP_WINDOW=3 LOSS_SMOOTH=8
         SCALE_FLAGS=()

@@ -1,9 +1,11 @@
-"""The paper's figures as PNGs: training loss by run (Figure 2) and a metric against step (Figures 3, 4).
+"""The paper's figures as PNGs: loss by run (Figure 2), a metric by step (Figures 3, 4), update spectra.
 
     python -m eval.figures loss --runs runs/m0 runs/m01 runs/m03 --smooth 150 --output results/fig2.png
     python -m eval.figures sweep --sweeps runs/a/sweep runs/b/sweep --metric gsm8k --window 10 --output fig3.png
+    python -m eval.figures spectra --ranks runs/a/rank/rank.json runs/b/rank/rank.json --output spectra.png
 
-Loss curves read each run's `log_history.json`; sweeps read `sweep.json` from eval/sweep.py.
+Loss curves read each run's `log_history.json`; sweeps read `sweep.json` from eval/sweep.py;
+spectra read the `rank.json` files of `python -m fastchat_plora.analyze`.
 Both smooth with a trailing moving average of the given window (the paper: 150 for losses, 10 for
 the checkpoint curves).
 """
@@ -77,6 +79,34 @@ def plot_sweeps(sweeps: list[Path], metric: str, window: int, output: Path) -> N
     fig.savefig(output, dpi=120)
 
 
+def plot_spectra(rank_files: list[Path], output: Path, count: int = 64) -> None:
+    """Singular values of W_T - W_0 by layer type, averaged over the layers of each type, one line per run.
+
+    Reads the rank.json files of `python -m fastchat_plora.analyze`. A LoRA run's curve drops to the
+    rounding floor after r values; a PLoRA run's carries on to T * r.
+    """
+    runs = [json.loads(path.read_text()) for path in rank_files]
+    types = list(dict.fromkeys(layer["type"] for run in runs for layer in run["layers"]))
+    cols = min(4, len(types))
+    rows = -(-len(types) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows), squeeze=False)
+    for ax, layer_type in zip(axes.flat, types, strict=False):
+        for run in runs:
+            spectra = [layer["singular_values"][:count] for layer in run["layers"] if layer["type"] == layer_type]
+            if not spectra:
+                continue
+            n = min(map(len, spectra))
+            mean = [sum(s[i] for s in spectra) / len(spectra) for i in range(n)]
+            ax.semilogy(range(1, n + 1), mean, label=label(Path(run["model_path"])))
+        ax.set(title=layer_type, xlabel="index")
+    for ax in list(axes.flat)[len(types) :]:
+        ax.axis("off")
+    axes[0][0].set_ylabel("singular value of W_T - W_0")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(output, dpi=120)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="figure", required=True)
@@ -89,12 +119,20 @@ def main(argv: list[str] | None = None) -> int:
     sweep.add_argument("--metric", choices=sorted(METRICS), default="gsm8k")
     sweep.add_argument("--window", type=int, default=10)
     sweep.add_argument("--output", required=True)
+    spectra = sub.add_parser("spectra", help="singular values of W_T - W_0 by layer type, one line per run")
+    spectra.add_argument("--ranks", nargs="+", required=True, help="rank.json files (python -m fastchat_plora.analyze)")
+    spectra.add_argument("--count", type=int, default=64, help="how many singular values to draw")
+    spectra.add_argument("--output", required=True)
     args = parser.parse_args(argv)
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
     try:
         if args.figure == "loss":
-            plot_loss([Path(r) for r in args.runs], args.smooth, Path(args.output))
+            plot_loss([Path(r) for r in args.runs], args.smooth, output)
+        elif args.figure == "sweep":
+            plot_sweeps([Path(s) for s in args.sweeps], args.metric, args.window, output)
         else:
-            plot_sweeps([Path(s) for s in args.sweeps], args.metric, args.window, Path(args.output))
+            plot_spectra([Path(r) for r in args.ranks], output, args.count)
     except FileNotFoundError as e:
         print(f"error: {e.filename} not found", file=sys.stderr)
         return 2

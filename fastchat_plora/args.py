@@ -100,6 +100,13 @@ class PLoRAArguments:
             "Costs one buffer of the weights' dtype per adapted weight."
         },
     )
+    save_stage_factors: bool = field(
+        default=True,
+        metadata={
+            "help": "Keep each merge's factors in OUTPUT_DIR/stages/ (fp32; per stage, the adapter's size) so "
+            "python -m fastchat_plora.export can write the whole update as one LoRA adapter."
+        },
+    )
     max_bad_stages: int = field(
         default=3, metadata={"help": "Stop after this many consecutive stages end with NaN/Inf adapters."}
     )

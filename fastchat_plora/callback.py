@@ -20,6 +20,7 @@ from transformers import Trainer, TrainerCallback
 
 from fastchat_plora.checkpoint import load_plora_state, save_plora_state
 from fastchat_plora.data import IGNORE_INDEX
+from fastchat_plora.export import merged_factors, save_stage
 from fastchat_plora.plora import UnloadReport, next_stage, periodic_lr_lambda
 
 logger = logging.getLogger(__name__)
@@ -83,6 +84,7 @@ class PLoRACallback(TrainerCallback):
         compensation: dict[str, torch.Tensor] | None = None,
         max_bad_stages: int = 3,
         stop: StopRequest | None = None,
+        stage_factors_dir: str | Path | None = None,
     ):
         self.stage_steps = stage_steps
         self.momentum, self.mode, self.init, self.seed = momentum, mode, init, seed
@@ -90,6 +92,7 @@ class PLoRACallback(TrainerCallback):
         self.compensation = compensation
         self.max_bad_stages = max_bad_stages
         self.stop = stop
+        self.stage_factors_dir = Path(stage_factors_dir) if stage_factors_dir else None
         self.bad_stages = 0
         self.events: list[dict] = []
 
@@ -106,10 +109,14 @@ class PLoRACallback(TrainerCallback):
         self._unload(state, model, None, stage, 0.0, final=True)
 
     def _unload(self, state, model, optimizer, stage: int, momentum: float, final: bool) -> None:
+        keep_factors = self.stage_factors_dir is not None and state.is_world_process_zero
+        factors = merged_factors(model, momentum) if keep_factors else None
         report = next_stage(
             model, optimizer, stage, self.seed, momentum, self.mode, self.init, compensation=self.compensation
         )
         self._record(state, stage, report, final)
+        if keep_factors:  # a skipped stage merged nothing: an empty file keeps the stage numbering whole
+            save_stage(self.stage_factors_dir, stage, state.global_step, {} if report.skipped else factors)
         if not report.skipped:
             self.bad_stages = 0
             return

@@ -32,6 +32,7 @@ from fastchat_plora.callback import (
 )
 from fastchat_plora.checkpoint import latest_checkpoint
 from fastchat_plora.data import load_conversations, make_dataset
+from fastchat_plora.export import trim_stages
 from fastchat_plora.models import DTYPES, load_model, load_tokenizer, resolve_model_path, save_model
 from fastchat_plora.plora import reinit_adapters, stage_generator, steps_per_stage
 
@@ -118,6 +119,7 @@ def main(model_args, data_args, lora_args, plora_args, training_args) -> dict:
     output_dir = Path(training_args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     trim_events(output_dir / EVENTS_FILE, resume)
+    trim_stages(output_dir, checkpoint_step(resume) if resume else None)
     compensation = {} if wants_compensation(plora_args, model_args) else None
     stop = StopRequest()
     callbacks = [PreemptionCallback(stop)]
@@ -133,6 +135,7 @@ def main(model_args, data_args, lora_args, plora_args, training_args) -> dict:
                 compensation,
                 plora_args.max_bad_stages,
                 stop,
+                output_dir if plora_args.save_stage_factors else None,
             )
         )
     trainer = PLoRATrainer(
@@ -195,9 +198,13 @@ def trim_events(path: Path, resume: Path | None) -> None:
     if resume is None or not path.is_file():
         path.unlink(missing_ok=True)
         return
-    step = json.loads((resume / "trainer_state.json").read_text())["global_step"]
+    step = checkpoint_step(resume)
     kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
     path.write_text("".join(line + "\n" for line in kept))
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    return json.loads((checkpoint / "trainer_state.json").read_text())["global_step"]
 
 
 def write_run_files(output_dir: Path, arg_objects: tuple, summary: dict) -> None:

@@ -52,7 +52,9 @@ main() {
             for run in "${runs[@]}"; do evaluate "$run" "$run/eval"; done
             show "$PY" -m eval.tables --table 1 --output_dir "$out" \
                 --results "$RUNS_DIR/$scale/base/eval/results.json" "${evals[@]}"
-            for run in "${runs[@]}"; do rank "$run"; done ;;
+            for run in "${runs[@]}"; do rank "$run"; done
+            show "$PY" -m eval.figures spectra --output "$out/spectra.png" \
+                --ranks "${runs[@]/%//rank/rank.json}" ;;
         table2 | table3)
             for run in "${runs[@]}"; do evaluate "$run" "$run/eval"; done
             show "$PY" -m eval.tables --table "${experiment#table}" --output_dir "$out" --results "${evals[@]}" ;;

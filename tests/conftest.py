@@ -81,3 +81,22 @@ def write_conversations(path: Path, n: int = 32) -> Path:
 @pytest.fixture
 def conversations_file(tmp_path) -> Path:
     return write_conversations(tmp_path / "conversations.jsonl")
+
+
+TINY_RUN_RANK = 2
+
+
+@pytest.fixture(scope="session")
+def tiny_plora_run(tiny_model_dir, tmp_path_factory) -> Path:
+    """Three stages of PLoRA (r = 2, momentum 0.3) on the tiny model: unloads at steps 2 and 4, then the final merge."""
+    from fastchat_plora.train_plora import cli
+
+    tmp = tmp_path_factory.mktemp("tiny_plora_run")
+    data = write_conversations(tmp / "c.jsonl")
+    out = tmp / "run"
+    code = cli(["--model_name_or_path", str(tiny_model_dir), "--data_path", str(data), "--output_dir", str(out),
+                "--lora_r", str(TINY_RUN_RANK), "--unload_every_steps", "2", "--max_steps", "6",
+                "--unload_momentum", "0.3", "--learning_rate", "1e-2", "--model_max_length", "64",
+                "--save_strategy", "no", "--disable_tqdm", "True"])  # fmt: skip
+    assert code == 0
+    return out

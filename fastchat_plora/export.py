@@ -1,0 +1,224 @@
+"""The whole PLoRA update as one standard PEFT LoRA adapter of rank sum_t r_t.
+
+    python -m fastchat_plora.export --run_dir runs/x --output_dir runs/x/adapter [--max_rank K]
+
+Every unload merges c_t * B_t @ A_t into a base weight (c_t = (1 - m) * alpha / r, the whole
+scaling for the final merge). Training writes each merge's factors to RUN/stages/ (one file per
+stage, `--save_stage_factors`), and since
+
+    W_T - W_0 = sum_t (c_t B_t) @ A_t = [c_1 B_1 | ... | c_T B_T] @ [A_1; ...; A_T]
+
+the stacked factors are one LoRA adapter of rank R = sum_t r_t with scaling 1 (alpha = r = R):
+base + this adapter computes what the trained model computes, and any LoRA-serving stack can
+load it. `--max_rank K` compresses each layer's update to its best rank-K approximation (by SVD)
+and reports the relative error it costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from fastchat_plora.plora import lora_layers
+
+STAGES_DIR = "stages"
+PEFT_PREFIX = "base_model.model."  # PEFT's module names over the wrapped model's own
+
+
+class ExportError(ValueError):
+    """A run that cannot be exported; the message names what is missing."""
+
+
+def merged_factors(model: torch.nn.Module, momentum: float, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """The factors of what an unload with `momentum` is about to merge, on the CPU in fp32.
+
+    For each adapted layer: `<name>.lora_A` = A and `<name>.lora_B` = (1 - m) * scaling * B, named by
+    the plain model's module names, so that B @ A is exactly the merged update.
+    """
+    factors = {}
+    for name, layer in lora_layers(model, adapter_name):
+        name = name.removeprefix(PEFT_PREFIX)
+        if getattr(layer, "fan_in_fan_out", False):  # GPT-2 style Conv1D layouts: store the delta's factors
+            raise ExportError(f"{name}: fan_in_fan_out layers are not supported by the exact export")
+        coefficient = (1.0 - momentum) * layer.scaling[adapter_name]
+        factors[f"{name}.lora_A"] = layer.lora_A[adapter_name].weight.detach().float().cpu().clone()
+        factors[f"{name}.lora_B"] = layer.lora_B[adapter_name].weight.detach().float().cpu() * coefficient
+    return factors
+
+
+def stage_file(run_dir: Path, stage: int) -> Path:
+    return run_dir / STAGES_DIR / f"stage-{stage:05d}.safetensors"
+
+
+def save_stage(run_dir: Path, stage: int, step: int, factors: dict[str, torch.Tensor]) -> None:
+    path = stage_file(run_dir, stage)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file(factors, str(tmp), metadata={"stage": str(stage), "step": str(step)})
+    tmp.replace(path)
+
+
+def trim_stages(run_dir: Path, last_step: int | None) -> None:
+    """Drop stage files written after `last_step` (all of them for a fresh run)."""
+    for path in sorted((run_dir / STAGES_DIR).glob("stage-*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            step = int(f.metadata()["step"])
+        if last_step is None or step > last_step:
+            path.unlink()
+
+
+def load_stages(run_dir: Path) -> list[dict[str, torch.Tensor]]:
+    """Every stage's factors in stage order; the run must have finished and kept all of them."""
+    if not (run_dir / "summary.json").is_file():
+        raise ExportError(f"{run_dir} holds no finished run (no summary.json)")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    if summary.get("finetune_mode") == "full":
+        raise ExportError(f"{run_dir} is a full fine-tuning run: its update is not a sum of low-rank factors")
+    paths = sorted((run_dir / STAGES_DIR).glob("stage-*.safetensors"))
+    if not paths:
+        raise ExportError(f"{run_dir / STAGES_DIR} holds no stage factors (train with --save_stage_factors True)")
+    stages = [int(p.stem.split("-")[1]) for p in paths]
+    if stages != list(range(len(paths))):
+        raise ExportError(f"{run_dir / STAGES_DIR}: stage files {stages} are not 0..{len(paths) - 1} without gaps")
+    result = []
+    for path in paths:
+        with safe_open(str(path), "pt") as f:
+            result.append({key: f.get_tensor(key) for key in f.keys()})  # noqa: SIM118 (safe_open is not a dict)
+    return result
+
+
+def stack(stages: list[dict[str, torch.Tensor]]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer, (B, A) = ([B_1 | ... | B_T], [A_1; ...; A_T]): one factor pair of rank sum r_t.
+
+    A stage whose unload was skipped (non-finite adapters) has an empty file and adds nothing.
+    """
+    stages = [s for s in stages if s]
+    if not stages:
+        raise ExportError("every stage was skipped: there is no update to export")
+    layers = [key.removesuffix(".lora_A") for key in stages[0] if key.endswith(".lora_A")]
+    return {
+        layer: (
+            torch.cat([s[f"{layer}.lora_B"] for s in stages], dim=1),
+            torch.cat([s[f"{layer}.lora_A"] for s in stages], dim=0),
+        )
+        for layer in layers
+    }
+
+
+@dataclass
+class Compression:
+    relative_error: float  # ||Delta - Delta_K||_F / ||Delta||_F
+    kept_energy: float  # the share of ||Delta||_F^2 kept
+
+
+def compress(b: torch.Tensor, a: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, Compression]:
+    """The best rank-`rank` factors of B @ A (Eckart-Young), without forming the full product.
+
+    With B = Q_b R_b and A^T = Q_a R_a, B @ A = Q_b (R_b R_a^T) Q_a^T, so the SVD of the small
+    R x R core gives the SVD of the update. The kept singular values are split evenly between
+    the two factors (sqrt on each side), as a trained adapter's would be.
+    """
+    q_b, r_b = torch.linalg.qr(b.double())
+    q_a, r_a = torch.linalg.qr(a.double().T)
+    u, s, vh = torch.linalg.svd(r_b @ r_a.T)
+    k = min(rank, s.numel())
+    root = s[:k].sqrt()
+    new_b = (q_b @ u[:, :k]) * root
+    new_a = root[:, None] * (vh[:k] @ q_a.T)
+    total = s.pow(2).sum().item()
+    dropped = s[k:].pow(2).sum().item()
+    error = math.sqrt(dropped / total) if total > 0 else 0.0
+    kept = 1.0 - dropped / total if total > 0 else 1.0
+    return new_b.float(), new_a.float(), Compression(error, kept)
+
+
+def export_adapter(run_dir: Path, output_dir: Path, max_rank: int | None = None, base_model: str | None = None) -> dict:
+    """Write `output_dir` as a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors).
+
+    Returns a report: the rank, the layers, and with `max_rank` each layer's compression error.
+    """
+    stages = load_stages(run_dir)
+    factors = stack(stages)
+    full_rank = next(iter(factors.values()))[1].shape[0]
+    report: dict = {"stages": len(stages), "full_rank": full_rank, "layers": len(factors)}
+    if max_rank is not None and max_rank < full_rank:
+        errors = {}
+        for layer, (b, a) in factors.items():
+            b, a, result = compress(b, a, max_rank)
+            factors[layer] = (b, a)
+            errors[layer] = result.relative_error
+        report["compression"] = {
+            "rank": max_rank,
+            "max_relative_error": max(errors.values()),
+            "mean_relative_error": sum(errors.values()) / len(errors),
+            "relative_error_by_layer": errors,
+        }
+    rank = next(iter(factors.values()))[1].shape[0]
+    report["rank"] = rank
+
+    run_args = json.loads((run_dir / "run_args.json").read_text())
+    base = base_model or base_model_of(run_args)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=rank,  # scaling alpha / r = 1: the coefficients are already in B
+        lora_dropout=0.0,
+        target_modules=sorted({layer.rsplit(".", 1)[-1] for layer in factors}),
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=base,
+    )
+    tensors = {}
+    for layer, (b, a) in factors.items():
+        tensors[f"{PEFT_PREFIX}{layer}.lora_A.weight"] = a.contiguous()
+        tensors[f"{PEFT_PREFIX}{layer}.lora_B.weight"] = b.contiguous()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(output_dir / "adapter_model.safetensors"))
+    config.save_pretrained(str(output_dir))
+    report["base_model"] = base
+    (output_dir / "export_report.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def base_model_of(run_args: dict) -> str:
+    """The model the run started from, as the run resolved it (the embedded model: its local copy)."""
+    from fastchat_plora.models import resolve_model_path
+
+    return resolve_model_path(run_args.get("model_name_or_path"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run_dir", required=True, help="a finished LoRA or PLoRA run (with its stages/ folder)")
+    parser.add_argument("--output_dir", required=True, help="where the PEFT adapter is written")
+    parser.add_argument("--max_rank", type=int, default=None, help="compress each layer to this rank by SVD")
+    parser.add_argument("--base_model", default=None, help="base model recorded in the adapter (default: the run's)")
+    args = parser.parse_args(argv)
+    if args.max_rank is not None and args.max_rank <= 0:
+        print(f"error: max_rank={args.max_rank}: must be positive", file=sys.stderr)
+        return 2
+    try:
+        report = export_adapter(Path(args.run_dir), Path(args.output_dir), args.max_rank, args.base_model)
+    except (ExportError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    line = f"wrote a rank-{report['rank']} LoRA adapter ({report['stages']} stages, {report['layers']} layers)"
+    if "compression" in report:
+        c = report["compression"]
+        line += (
+            f", compressed from rank {report['full_rank']}: relative error max {c['max_relative_error']:.3g}, "
+            f"mean {c['mean_relative_error']:.3g}"
+        )
+    print(f"{line} to {args.output_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

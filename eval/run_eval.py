@@ -17,6 +17,7 @@ so a failed evaluation never overwrites finished results.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import os
@@ -33,6 +34,7 @@ from eval.tasks.utils import extract_flexible, extract_strict, gsm8k_gold
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 DEFAULT_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 TASKS = ("gsm8k", "mmlu", "arc_easy", "arc_challenge")
+WANDB_RUN_FILE = "wandb_run.json"  # written by training when it logged to W&B (fastchat_plora/tracking.py)
 LOSS_TASK = "gsm8k_loss"  # the GSM8K held-out loss alone, without generation (cheap on a CPU)
 MMLU_CATEGORIES = {"humanities": "Humanities", "stem": "STEM", "social_sciences": "Social Sciences", "other": "Other"}
 logger = logging.getLogger("eval")
@@ -242,7 +244,60 @@ def evaluate(args: argparse.Namespace) -> dict:
         rows = [dict(r, subtask=name) for name in groups[task] for r in sample_rows(name, raw["samples"][name])]
         files[f"samples_{task}.jsonl"] = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     write_atomically(files, Path(args.output_dir))
+    if args.wandb == "auto":
+        log_to_training_run(Path(args.model_path), metrics)
     return results
+
+
+def numeric_leaves(tree: dict, prefix: str) -> dict[str, float]:
+    """{"gsm8k": {"heldout_loss": {"loss": 0.9}}} -> {"<prefix>/gsm8k/heldout_loss/loss": 0.9}."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(numeric_leaves(value, f"{prefix}/{key}"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            flat[f"{prefix}/{key}"] = value
+    return flat
+
+
+def log_to_training_run(model_path: Path, metrics: dict) -> str | None:
+    """Log the metrics to the W&B run that trained this model (or checkpoint), when it had one.
+
+    Training leaves that run's id in `wandb_run.json` (a file contract, like the checkpoints). The
+    metrics go in under `eval/...` against `eval/step`, the training step they were measured at.
+    Best effort: results.json is already written, so a W&B failure is a warning, never an error.
+    """
+    run_dir = model_path if (model_path / WANDB_RUN_FILE).is_file() else model_path.parent
+    info_file = run_dir / WANDB_RUN_FILE
+    if not info_file.is_file():
+        return None
+    if importlib.util.find_spec("wandb") is None:
+        logger.warning("%s names a W&B run, but wandb is not installed: metrics not logged there", info_file)
+        return None
+    import wandb
+
+    info = json.loads(info_file.read_text())
+    try:
+        run = wandb.init(
+            id=info["id"], project=info["project"], entity=info.get("entity") or None, dir=info["dir"],
+            resume="allow", mode="offline" if info.get("offline") else None, reinit="finish_previous",
+        )  # fmt: skip
+        run.define_metric("eval/step")
+        run.define_metric("eval/*", step_metric="eval/step")
+        run.log({"eval/step": training_step(model_path), **numeric_leaves(metrics, "eval")})
+        run.finish()
+    except Exception as e:  # noqa: BLE001 (W&B's errors are many and not ours to tell apart)
+        logger.warning("could not log to W&B run %s: %s", info["id"], e)
+        return None
+    return info["id"]
+
+
+def training_step(model_path: Path) -> int:
+    """The step a model directory was saved at: a checkpoint's trainer_state, or the run's summary."""
+    for name, key in (("trainer_state.json", "global_step"), ("summary.json", "steps")):
+        if (model_path / name).is_file():
+            return json.loads((model_path / name).read_text()).get(key, 0)
+    return 0
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -254,6 +309,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mmlu_limit", type=int, default=None, help="first N of each MMLU subject (default: --limit)")
     parser.add_argument("--output_dir", required=True, help="where results.json and samples_<task>.jsonl go")
     parser.add_argument("--batch_size", default="16", help="harness batch size (an int, or 'auto')")
+    parser.add_argument(
+        "--wandb", choices=("auto", "off"), default="auto",
+        help="auto: log the metrics to the W&B run that trained the model, when there was one",
+    )  # fmt: skip
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser.parse_args(argv)
 

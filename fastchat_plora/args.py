@@ -206,7 +206,8 @@ def parse_args(argv: list[str] | None = None) -> tuple:
     pre.add_argument("--config", default=None)
     known, rest = pre.parse_known_args(argv)
     if known.config:
-        rest = config_to_argv(load_config(known.config)) + rest
+        # the W&B run (and any other tracker) is named after the config unless told otherwise
+        rest = ["--run_name", Path(known.config).stem] + config_to_argv(load_config(known.config)) + rest
     parser = HfArgumentParser(ARG_CLASSES)
     parser.add_argument("--config", default=None, help="YAML file whose keys are these flag names.")
     return tuple(parser.parse_args_into_dataclasses(args=rest)[: len(ARG_CLASSES)])

@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import signal
+import time
 from pathlib import Path
 
 import torch
@@ -177,6 +178,29 @@ class PLoRATrainer(Trainer):
         self.stage_steps = stage_steps
         self.compensation = {} if compensation is None else compensation
         self.labeled_logits_only = labeled_logits_only
+        self._tokens = 0  # real (non-padding) tokens since the last log, a tensor once counting starts
+        self._last_log = time.perf_counter()
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        mask = inputs.get("attention_mask")
+        self._tokens = self._tokens + (mask.sum() if mask is not None else inputs["input_ids"].numel())
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Training logs also carry the stage index and the real (non-padding) tokens per second.
+
+        Each process counts its own tokens, times the number of processes for the job's figure
+        (data-parallel ranks see batches of like size). The count stays on the device between
+        logs, so counting costs no synchronisation.
+        """
+        if "loss" in logs:
+            now = time.perf_counter()
+            tokens = int(self._tokens) * self.args.world_size  # data-parallel ranks see batches of like size
+            logs["tokens_per_second"] = round(tokens / max(now - self._last_log, 1e-9), 1)
+            self._tokens, self._last_log = 0, now
+            if self.stage_steps:
+                logs["plora_stage"] = (max(self.state.global_step, 1) - 1) // self.stage_steps
+        super().log(logs, start_time)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Cross-entropy over the positions that carry a label only.

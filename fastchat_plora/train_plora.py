@@ -35,6 +35,7 @@ from fastchat_plora.data import load_conversations, make_dataset
 from fastchat_plora.export import trim_stages
 from fastchat_plora.models import DTYPES, load_model, load_tokenizer, resolve_model_path, save_model
 from fastchat_plora.plora import reinit_adapters, stage_generator, steps_per_stage
+from fastchat_plora.tracking import WandbPLoRACallback, finish_wandb, prepare_wandb
 
 logger = logging.getLogger("fastchat_plora")
 EVENTS_FILE = "unload_events.jsonl"
@@ -79,6 +80,23 @@ def make_collator(tokenizer, padding_free: bool):
     return DataCollatorForSeq2Seq(tokenizer, padding=True)
 
 
+def plora_callback(lora_args, plora_args, training_args, stage_steps, compensation, stop) -> PLoRACallback:
+    """The unloads: when (stage_steps), how (momentum, mode, init), and where their records go."""
+    output_dir = Path(training_args.output_dir)
+    return PLoRACallback(
+        stage_steps,
+        plora_args.unload_momentum,
+        plora_args.momentum_mode,
+        lora_args.lora_init,
+        training_args.seed,
+        output_dir / EVENTS_FILE,
+        compensation,
+        plora_args.max_bad_stages,
+        stop,
+        output_dir if plora_args.save_stage_factors else None,
+    )
+
+
 def stage_length(plora_args, training_args) -> int | None:
     if plora_args.finetune_mode != "plora":
         return None
@@ -116,6 +134,8 @@ def main(model_args, data_args, lora_args, plora_args, training_args) -> dict:
     dataset = make_dataset(conversations, tokenizer, data_args.model_max_length, data_args.conv_template)
     stage_steps = stage_length(plora_args, training_args)
 
+    wandb_on = prepare_wandb(training_args.report_to)  # offline without a key; an error without the package
+
     output_dir = Path(training_args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     trim_events(output_dir / EVENTS_FILE, resume)
@@ -124,20 +144,13 @@ def main(model_args, data_args, lora_args, plora_args, training_args) -> dict:
     stop = StopRequest()
     callbacks = [PreemptionCallback(stop)]
     if mode != "full":
-        callbacks.append(
-            PLoRACallback(
-                stage_steps,
-                plora_args.unload_momentum,
-                plora_args.momentum_mode,
-                lora_args.lora_init,
-                training_args.seed,
-                output_dir / EVENTS_FILE,
-                compensation,
-                plora_args.max_bad_stages,
-                stop,
-                output_dir if plora_args.save_stage_factors else None,
-            )
-        )
+        callbacks.append(plora_callback(lora_args, plora_args, training_args, stage_steps, compensation, stop))
+    if wandb_on:
+        config = {"trainable_parameters": trainable}
+        for group in (model_args, data_args, lora_args, plora_args):
+            config.update(dataclasses.asdict(group))
+        events = callbacks[-1].events if mode != "full" else None
+        callbacks.append(WandbPLoRACallback(config, events, output_dir))
     trainer = PLoRATrainer(
         model=model,
         args=training_args,
@@ -154,6 +167,8 @@ def main(model_args, data_args, lora_args, plora_args, training_args) -> dict:
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     finally:
         stop.uninstall()
+        if wandb_on:
+            finish_wandb()
     if stop.stopped_early(trainer.state):
         checkpoint = latest_checkpoint(output_dir)
         return {"preempted": True, "steps": trainer.state.global_step, "checkpoint": str(checkpoint)}

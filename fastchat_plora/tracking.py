@@ -1,0 +1,115 @@
+"""Weights & Biases for PLoRA runs, on top of the HF Trainer's own W&B integration.
+
+The Trainer's WandbCallback already logs loss, learning rate, grad norm and the TrainingArguments.
+This adds what is PLoRA's: the LoRA/PLoRA arguments in the run config, each unload (its step, stage
+and update norms, total and by layer type) and the run's id in OUTPUT_DIR/wandb_run.json, so that
+`eval/run_eval.py` can log evaluation metrics to the same run. With no API key the run is offline
+(files under WANDB_DIR, `wandb sync` uploads them later), never a prompt that blocks a cluster job.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+from collections import defaultdict
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+logger = logging.getLogger(__name__)
+RUN_FILE = "wandb_run.json"
+DEFAULT_PROJECT = "fastchat-plora"
+
+
+def has_api_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="replace")
+
+
+def prepare_wandb(report_to: list[str] | str | None) -> bool:
+    """Before the Trainer starts W&B: check the package, pick offline mode without a key, name the project.
+
+    Returns whether W&B is on. Raises ValueError (the user's input) when it is asked for but missing.
+    """
+    targets = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    if "wandb" not in targets and "all" not in targets:
+        return False
+    if importlib.util.find_spec("wandb") is None:
+        if "all" in targets:
+            return False
+        raise ValueError("report_to=wandb needs the wandb package: pip install 'fastchat-plora[wandb]'")
+    if not os.environ.get("WANDB_MODE") and not has_api_key():
+        os.environ["WANDB_MODE"] = "offline"
+        logger.warning("W&B: no API key, logging offline (upload later with `wandb sync`)")
+    os.environ.setdefault("WANDB_PROJECT", DEFAULT_PROJECT)
+    return True
+
+
+class WandbPLoRACallback(TrainerCallback):
+    """Adds the PLoRA config and unload events to the run the Trainer's WandbCallback started.
+
+    Must come after that callback (the Trainer puts its reporting callbacks before user ones), so the
+    run exists by `on_train_begin`. Unload events are read from the PLoRACallback's event list.
+    """
+
+    def __init__(self, config: dict, events: list[dict] | None, output_dir: str | Path):
+        self.config = config
+        self.events = events if events is not None else []
+        self.logged = 0
+        self.output_dir = Path(output_dir)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        import wandb
+
+        if wandb.run is None or not state.is_world_process_zero:
+            return
+        wandb.run.config.update(self.config, allow_val_change=True)
+        info = {
+            "id": wandb.run.id,
+            "project": wandb.run.project,
+            "entity": wandb.run.entity,
+            "name": wandb.run.name,
+            "dir": str(Path(wandb.run.dir).parents[2]),  # <dir>/wandb/<run>/files: what wandb.init(dir=) takes
+            "offline": bool(wandb.run.offline),
+        }
+        (self.output_dir / RUN_FILE).write_text(json.dumps(info, indent=2))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._log_new_events(state)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._log_new_events(state)
+
+    def _log_new_events(self, state) -> None:
+        import wandb
+
+        if wandb.run is None or not state.is_world_process_zero:
+            return
+        for event in self.events[self.logged :]:
+            by_type = defaultdict(float)
+            for layer, norm in event["update_norms"].items():
+                by_type[layer.rsplit(".", 1)[-1]] += norm * norm
+            record = {
+                "plora/unload_stage": event["stage"],
+                "plora/update_norm": event["update_norm"],
+                "plora/final_merge": int(event["final"]),
+                "plora/skipped_non_finite": int(event["skipped_non_finite"]),
+                **{f"plora/update_norm/{t}": s**0.5 for t, s in by_type.items()},
+                "train/global_step": event["step"],
+            }
+            wandb.log(record)
+        self.logged = len(self.events)
+
+
+def finish_wandb() -> None:
+    """Close the W&B run the Trainer opened (it leaves that to process exit), flushing offline files."""
+    if importlib.util.find_spec("wandb") is None:
+        return
+    import wandb
+
+    if wandb.run is not None:
+        wandb.finish()

@@ -16,12 +16,20 @@ from pathlib import Path
 
 import torch
 from peft import PeftModel
+from safetensors.torch import save_file
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import Trainer, TrainerCallback
 
-from fastchat_plora.checkpoint import load_plora_state, save_plora_state
+from fastchat_plora.checkpoint import (
+    STATE_FILE,
+    load_merged_base_weights,
+    load_plora_state,
+    plora_state,
+    save_plora_state,
+)
 from fastchat_plora.data import IGNORE_INDEX
-from fastchat_plora.export import merged_factors, save_stage
+from fastchat_plora.distributed import is_partitioned
+from fastchat_plora.export import save_stage
 from fastchat_plora.plora import UnloadReport, next_stage, periodic_lr_lambda
 
 logger = logging.getLogger(__name__)
@@ -65,6 +73,17 @@ class PreemptionCallback(TrainerCallback):
             control.should_training_stop = True
 
 
+class RestoreBaseWeights(TrainerCallback):
+    """DeepSpeed resume: after the Trainer loads DeepSpeed's checkpoint (adapters, optimizer), restore the
+    merged base weights, which that checkpoint leaves out as frozen parameters."""
+
+    def __init__(self, checkpoint: Path, compensation: dict[str, torch.Tensor]):
+        self.checkpoint, self.compensation = checkpoint, compensation
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        load_merged_base_weights(self.checkpoint, model, self.compensation)
+
+
 class PLoRACallback(TrainerCallback):
     """Unload at every stage boundary (every ``stage_steps`` optimizer steps) and once at the end.
 
@@ -86,6 +105,7 @@ class PLoRACallback(TrainerCallback):
         max_bad_stages: int = 3,
         stop: StopRequest | None = None,
         stage_factors_dir: str | Path | None = None,
+        next_stage_fn=next_stage,
     ):
         self.stage_steps = stage_steps
         self.momentum, self.mode, self.init, self.seed = momentum, mode, init, seed
@@ -94,6 +114,7 @@ class PLoRACallback(TrainerCallback):
         self.max_bad_stages = max_bad_stages
         self.stop = stop
         self.stage_factors_dir = Path(stage_factors_dir) if stage_factors_dir else None
+        self.next_stage = next_stage_fn  # the single-process core, or its ZeRO counterpart (distributed.py)
         self.bad_stages = 0
         self.events: list[dict] = []
 
@@ -110,14 +131,21 @@ class PLoRACallback(TrainerCallback):
         self._unload(state, model, None, stage, 0.0, final=True)
 
     def _unload(self, state, model, optimizer, stage: int, momentum: float, final: bool) -> None:
-        keep_factors = self.stage_factors_dir is not None and state.is_world_process_zero
-        factors = merged_factors(model, momentum) if keep_factors else None
-        report = next_stage(
-            model, optimizer, stage, self.seed, momentum, self.mode, self.init, compensation=self.compensation
+        keep_factors = self.stage_factors_dir is not None
+        report = self.next_stage(
+            model,
+            optimizer,
+            stage,
+            self.seed,
+            momentum,
+            self.mode,
+            self.init,
+            compensation=self.compensation,
+            keep_factors=keep_factors,
         )
         self._record(state, stage, report, final)
-        if keep_factors:  # a skipped stage merged nothing: an empty file keeps the stage numbering whole
-            save_stage(self.stage_factors_dir, stage, state.global_step, {} if report.skipped else factors)
+        if keep_factors and state.is_world_process_zero:  # a skipped stage: an empty file keeps the numbering
+            save_stage(self.stage_factors_dir, stage, state.global_step, report.factors or {})
         if not report.skipped:
             self.bad_stages = 0
             return
@@ -209,17 +237,27 @@ class PLoRATrainer(Trainer):
         parameters) costs much of each step, and most positions (system prompt, question,
         padding) have no label. Running the head on labeled positions alone gives the same loss
         and gradients as the full logits, with less work and memory.
+
+        A single process runs the decoder and then the head on exactly the labeled positions. A
+        wrapped model (DDP, DeepSpeed) must be called through its wrapper, which is what
+        synchronises the gradients, so there the head runs on every position (column) that some
+        row of the batch labels, through the model's own `logits_to_keep`.
         """
         if not self.labeled_logits_only or return_outputs or "labels" not in inputs:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        causal_lm = self.accelerator.unwrap_model(model)
-        causal_lm = causal_lm.get_base_model() if isinstance(causal_lm, PeftModel) else causal_lm
         labels = inputs["labels"]
-        hidden = causal_lm.get_decoder()(**{k: v for k, v in inputs.items() if k != "labels"}).last_hidden_state
+        features = {k: v for k, v in inputs.items() if k != "labels"}
         targets = labels[:, 1:]
         keep = targets != IGNORE_INDEX
-        logits = causal_lm.get_output_embeddings()(hidden[:, :-1][keep]).float()
-        loss = torch.nn.functional.cross_entropy(logits, targets[keep], reduction="sum")
+        unwrapped = self.accelerator.unwrap_model(model)
+        if model is unwrapped:
+            causal_lm = unwrapped.get_base_model() if isinstance(unwrapped, PeftModel) else unwrapped
+            hidden = causal_lm.get_decoder()(**features).last_hidden_state
+            logits = causal_lm.get_output_embeddings()(hidden[:, :-1][keep])
+        else:
+            columns = keep.any(dim=0).nonzero().squeeze(1)
+            logits = model(**features, logits_to_keep=columns).logits[keep[:, columns]]
+        loss = torch.nn.functional.cross_entropy(logits.float(), targets[keep], reduction="sum")
         if num_items_in_batch is None:  # the Trainer then divides by the accumulation steps itself
             return loss / keep.sum()
         loss = loss / num_items_in_batch  # the count over all accumulated micro-batches (and devices)
@@ -229,7 +267,7 @@ class PLoRATrainer(Trainer):
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         super()._save(output_dir, state_dict)
-        if isinstance(self.model, PeftModel):
+        if isinstance(self.model, PeftModel) and not is_partitioned(self.model):
             save_plora_state(Path(output_dir or self.args.output_dir), self.model, self.compensation)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
@@ -250,11 +288,18 @@ class PLoRATrainer(Trainer):
         name = f"checkpoint-{self.state.global_step}"
         if self.args.should_save:
             shutil.rmtree(staging, ignore_errors=True)
+        self.accelerator.wait_for_everyone()  # under DeepSpeed every rank writes its shards into staging
         self.args.output_dir = staging
         try:
             super()._save_checkpoint(model, trial)
         finally:
             self.args.output_dir = run_dir
+        if isinstance(self.model, PeftModel) and is_partitioned(self.model):
+            # ZeRO-3: `_save` runs on rank 0 alone and cannot gather; every rank gathers here instead
+            state = plora_state(self.model, self.compensation)
+            if self.args.should_save:
+                save_file(state, os.path.join(staging, name, STATE_FILE))
+        self.accelerator.wait_for_everyone()  # every rank's shards are written before the rename
         if not self.args.should_save:
             return
         final = os.path.join(run_dir, name)

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from fastchat_plora.distributed import gathered
 from fastchat_plora.plora import lora_layers
 
 STATE_FILE = "plora_state.safetensors"
@@ -27,18 +28,40 @@ COMPLETE_MARKERS = ("trainer_state.json",)  # written last by the HF Trainer
 
 
 def plora_state(model: torch.nn.Module, compensation: dict[str, torch.Tensor], adapter_name: str = "default") -> dict:
+    """The tensors exact resume needs. Under ZeRO-3 every rank must call it (each layer is gathered in turn)."""
     state = {}
     for name, layer in lora_layers(model, adapter_name):
-        state[f"base::{name}"] = layer.get_base_layer().weight
-        state[f"lora_A::{name}"] = layer.lora_A[adapter_name].weight
-        state[f"lora_B::{name}"] = layer.lora_B[adapter_name].weight
+        tensors = {
+            "base": layer.get_base_layer().weight,
+            "lora_A": layer.lora_A[adapter_name].weight,
+            "lora_B": layer.lora_B[adapter_name].weight,
+        }
+        with gathered(tensors.values()):
+            for kind, tensor in tensors.items():
+                state[f"{kind}::{name}"] = tensor.detach().contiguous().cpu().clone()
         if name in compensation:
-            state[f"comp::{name}"] = compensation[name]
-    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+            state[f"comp::{name}"] = compensation[name].detach().contiguous().cpu()
+    return state
 
 
 def save_plora_state(path: Path, model: torch.nn.Module, compensation: dict[str, torch.Tensor]) -> None:
     save_file(plora_state(model, compensation), str(path / STATE_FILE))
+
+
+def load_merged_base_weights(path: Path, model: torch.nn.Module, compensation: dict[str, torch.Tensor]) -> None:
+    """Restore the base weights (and compensation buffers) of a checkpoint; every rank must call it.
+
+    Under DeepSpeed the Trainer restores the adapters and optimizer from DeepSpeed's own checkpoint,
+    which leaves out frozen parameters, so the base weights that earlier stages merged into come from here.
+    """
+    saved = load_file(str(Path(path) / STATE_FILE))
+    with torch.no_grad():
+        for name, layer in lora_layers(model):
+            base = layer.get_base_layer().weight
+            with gathered([base], modifier_rank=0):
+                base.copy_(saved[f"base::{name}"].to(base.device, base.dtype))
+            if f"comp::{name}" in saved:
+                compensation[name] = saved[f"comp::{name}"].to(base.device)
 
 
 def load_plora_state(path: Path, model: torch.nn.Module, compensation: dict[str, torch.Tensor]) -> None:

@@ -3,8 +3,8 @@
     python -m fastchat_plora.export --run_dir runs/x --output_dir runs/x/adapter [--max_rank K]
 
 Every unload merges c_t * B_t @ A_t into a base weight (c_t = (1 - m) * alpha / r, the whole
-scaling for the final merge). Training writes each merge's factors to RUN/stages/ (one file per
-stage, `--save_stage_factors`), and since
+scaling for the final merge). Training writes each merge's factors (c_t B_t, A_t) to RUN/stages/
+(one file per stage, `--save_stage_factors`), and since
 
     W_T - W_0 = sum_t (c_t B_t) @ A_t = [c_1 B_1 | ... | c_T B_T] @ [A_1; ...; A_T]
 
@@ -28,8 +28,6 @@ from peft import LoraConfig
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from fastchat_plora.plora import lora_layers
-
 STAGES_DIR = "stages"
 PEFT_PREFIX = "base_model.model."  # PEFT's module names over the wrapped model's own
 
@@ -38,32 +36,20 @@ class ExportError(ValueError):
     """A run that cannot be exported; the message names what is missing."""
 
 
-def merged_factors(model: torch.nn.Module, momentum: float, adapter_name: str = "default") -> dict[str, torch.Tensor]:
-    """The factors of what an unload with `momentum` is about to merge, on the CPU in fp32.
-
-    For each adapted layer: `<name>.lora_A` = A and `<name>.lora_B` = (1 - m) * scaling * B, named by
-    the plain model's module names, so that B @ A is exactly the merged update.
-    """
-    factors = {}
-    for name, layer in lora_layers(model, adapter_name):
-        name = name.removeprefix(PEFT_PREFIX)
-        if getattr(layer, "fan_in_fan_out", False):  # GPT-2 style Conv1D layouts: store the delta's factors
-            raise ExportError(f"{name}: fan_in_fan_out layers are not supported by the exact export")
-        coefficient = (1.0 - momentum) * layer.scaling[adapter_name]
-        factors[f"{name}.lora_A"] = layer.lora_A[adapter_name].weight.detach().float().cpu().clone()
-        factors[f"{name}.lora_B"] = layer.lora_B[adapter_name].weight.detach().float().cpu() * coefficient
-    return factors
-
-
 def stage_file(run_dir: Path, stage: int) -> Path:
     return run_dir / STAGES_DIR / f"stage-{stage:05d}.safetensors"
 
 
-def save_stage(run_dir: Path, stage: int, step: int, factors: dict[str, torch.Tensor]) -> None:
+def save_stage(run_dir: Path, stage: int, step: int, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """One stage's merged factors, layer -> (c * B, A), under the plain model's module names."""
+    tensors = {}
+    for name, (b, a) in factors.items():
+        name = name.removeprefix(PEFT_PREFIX)
+        tensors[f"{name}.lora_A"], tensors[f"{name}.lora_B"] = a.contiguous(), b.contiguous()
     path = stage_file(run_dir, stage)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    save_file(factors, str(tmp), metadata={"stage": str(stage), "step": str(step)})
+    save_file(tensors, str(tmp), metadata={"stage": str(stage), "step": str(step)})
     tmp.replace(path)
 
 

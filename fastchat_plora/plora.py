@@ -48,6 +48,7 @@ class UnloadReport:
     mode: str
     update_norms: dict[str, float] = field(default_factory=dict)
     skipped: bool = False  # True when a non-finite adapter was discarded instead of merged
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None  # layer -> (c * B, A) merged, on request
 
     @property
     def layers(self) -> list[str]:
@@ -80,29 +81,43 @@ def delta_weight(layer: LoraLayer, adapter_name: str = "default") -> torch.Tenso
     PEFT's ``get_delta_weight`` computes in the adapter's dtype; we need fp32 for exact merging
     in bf16/fp16 runs, so the two-line product is written here.
     """
-    a = layer.lora_A[adapter_name].weight.float()
-    b = layer.lora_B[adapter_name].weight.float()
-    delta = (b @ a) * layer.scaling[adapter_name]
-    if getattr(layer, "fan_in_fan_out", False):
-        delta = delta.T
-    return delta
+    a = layer.lora_A[adapter_name].weight
+    b = layer.lora_B[adapter_name].weight
+    return scaled_update(a, b, layer.scaling[adapter_name], getattr(layer, "fan_in_fan_out", False))
 
 
-def init_lora_a_(weight: torch.Tensor, generator: torch.Generator, method: str = "gaussian") -> None:
-    """Re-draw A in place; the same distributions PEFT uses for its initial adapter.
+def scaled_update(a: torch.Tensor, b: torch.Tensor, scale: float, fan_in_fan_out: bool = False) -> torch.Tensor:
+    """scale * B @ A in fp32, transposed for layers that store their weight as (in, out)."""
+    delta = (b.float() @ a.float()) * scale
+    return delta.T if fan_in_fan_out else delta
 
-    Draws happen on the CPU in fp32 and are copied over, so the values do not depend on the
-    device or dtype the adapter lives on.
-    """
-    fresh = torch.empty(weight.shape, dtype=torch.float32)
+
+def fresh_lora_a(shape: torch.Size, generator: torch.Generator, method: str = "gaussian") -> torch.Tensor:
+    """A new A drawn on the CPU in fp32, so its values depend on neither device nor dtype."""
+    fresh = torch.empty(shape, dtype=torch.float32)
     if method == "gaussian":
-        fresh.normal_(mean=0.0, std=1.0 / weight.shape[0], generator=generator)
+        fresh.normal_(mean=0.0, std=1.0 / shape[0], generator=generator)
     elif method == "kaiming":
         torch.nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=generator)
     else:
         raise ValueError(f"unknown init method {method!r}; expected one of {INIT_METHODS}")
+    return fresh
+
+
+def init_lora_a_(weight: torch.Tensor, generator: torch.Generator, method: str = "gaussian") -> None:
+    """Re-draw A in place; the same distributions PEFT uses for its initial adapter."""
     with torch.no_grad():
-        weight.copy_(fresh)
+        weight.copy_(fresh_lora_a(weight.shape, generator, method))
+
+
+def next_factors(
+    a: torch.Tensor, b: torch.Tensor, momentum: float, mode: str, generator: torch.Generator | None, init: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The adapter the next stage starts from: a fresh (A, 0) for m = 0, else the kept share of (A, B)."""
+    if momentum == 0.0:
+        return fresh_lora_a(a.shape, generator, init), torch.zeros(b.shape, dtype=torch.float32)
+    keep = math.sqrt(momentum) if mode == "preserve" else momentum
+    return a.float() * keep, b.float() * keep
 
 
 def reinit_adapters(
@@ -158,12 +173,14 @@ def unload(
     init: str = "gaussian",
     adapter_name: str = "default",
     compensation: dict[str, torch.Tensor] | None = None,
+    keep_factors: bool = False,
 ) -> UnloadReport:
     """Merge (1 - momentum) of every adapter into its base weight and start the next stage.
 
     See the module docstring for the maths. ``generator`` is required when ``momentum == 0``
     (A is re-drawn from it) and unused otherwise. ``compensation``, when given, holds the Kahan
     buffers of the bf16/fp16 base weights by layer name; missing ones are created (zero).
+    ``keep_factors`` puts the merged factors (c * B, A), c = (1 - m) * scaling, in the report.
     """
     if not 0.0 <= momentum < 1.0:
         raise ValueError(f"momentum must be in [0, 1), got {momentum}")
@@ -177,24 +194,23 @@ def unload(
         raise ValueError(f"the model has no LoRA layers for adapter {adapter_name!r}")
     _check_finite(layers, adapter_name)
 
-    keep = math.sqrt(momentum) if mode == "preserve" else momentum
-    report = UnloadReport(momentum=momentum, mode=mode)
+    report = UnloadReport(momentum=momentum, mode=mode, factors={} if keep_factors else None)
     with torch.no_grad():
         for name, layer in layers:
             base = layer.get_base_layer().weight
-            merged = delta_weight(layer, adapter_name).mul_(1.0 - momentum).to(base.device)
+            a, b = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
+            coefficient = (1.0 - momentum) * layer.scaling[adapter_name]
+            merged = scaled_update(a, b, coefficient, getattr(layer, "fan_in_fan_out", False)).to(base.device)
             comp = None
             if compensation is not None and needs_compensation(base):
                 comp = compensation.setdefault(name, torch.zeros_like(base))
             compensated_add_(base, merged, comp)
             report.update_norms[name] = merged.norm().item()
-            a, b = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
-            if momentum == 0.0:
-                init_lora_a_(a, generator, init)
-                b.zero_()
-            else:
-                a.mul_(keep)
-                b.mul_(keep)
+            if keep_factors:
+                report.factors[name] = (b.detach().float().cpu() * coefficient, a.detach().float().cpu().clone())
+            new_a, new_b = next_factors(a, b, momentum, mode, generator, init)
+            a.copy_(new_a)
+            b.copy_(new_b)
     return report
 
 
@@ -279,6 +295,7 @@ def next_stage(
     init: str = "gaussian",
     adapter_name: str = "default",
     compensation: dict[str, torch.Tensor] | None = None,
+    keep_factors: bool = False,
 ) -> UnloadReport:
     """End stage ``stage``: unload the adapters and reset their optimizer state.
 
@@ -289,7 +306,7 @@ def next_stage(
     """
     generator = stage_generator(seed, stage + 1)
     try:
-        report = unload(model, momentum, mode, generator, init, adapter_name, compensation)
+        report = unload(model, momentum, mode, generator, init, adapter_name, compensation, keep_factors)
     except NonFiniteAdapterError:
         reinit_adapters(model, generator, init, adapter_name)
         report = UnloadReport(momentum=momentum, mode=mode, skipped=True)

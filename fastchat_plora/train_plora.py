@@ -27,14 +27,23 @@ from fastchat_plora.callback import (
     PLoRACallback,
     PLoRATrainer,
     PreemptionCallback,
+    RestoreBaseWeights,
     StopRequest,
     TrainingDiverged,
 )
 from fastchat_plora.checkpoint import latest_checkpoint
 from fastchat_plora.data import load_conversations, make_dataset
+from fastchat_plora.distributed import (
+    check_only_adapters_train,
+    check_supported,
+    deepspeed_config,
+    gathered,
+    init_deepspeed_comm,
+    zero_next_stage,
+)
 from fastchat_plora.export import trim_stages
 from fastchat_plora.models import DTYPES, load_model, load_tokenizer, resolve_model_path, save_model
-from fastchat_plora.plora import reinit_adapters, stage_generator, steps_per_stage
+from fastchat_plora.plora import next_stage, reinit_adapters, stage_generator, steps_per_stage
 from fastchat_plora.tracking import WandbPLoRACallback, finish_wandb, prepare_wandb
 
 logger = logging.getLogger("fastchat_plora")
@@ -68,7 +77,8 @@ def probe_layer(model: torch.nn.Module, lora_args) -> tuple[str, torch.Tensor]:
     for name, module in model.named_modules():
         if name.rsplit(".", 1)[-1] in targets:
             weight = module.get_base_layer().weight if hasattr(module, "get_base_layer") else module.weight
-            return name.removeprefix("base_model.model."), weight.detach().float().cpu().clone()
+            with gathered([weight]):
+                return name.removeprefix("base_model.model."), weight.detach().float().cpu().clone()
     raise ConfigError("no target layer to measure the update rank on")
 
 
@@ -80,8 +90,8 @@ def make_collator(tokenizer, padding_free: bool):
     return DataCollatorForSeq2Seq(tokenizer, padding=True)
 
 
-def plora_callback(lora_args, plora_args, training_args, stage_steps, compensation, stop) -> PLoRACallback:
-    """The unloads: when (stage_steps), how (momentum, mode, init), and where their records go."""
+def plora_callback(lora_args, plora_args, training_args, stage_steps, compensation, stop, zero) -> PLoRACallback:
+    """The unloads: when (stage_steps), how (momentum, mode, init; ZeRO-aware under DeepSpeed), records where."""
     output_dir = Path(training_args.output_dir)
     return PLoRACallback(
         stage_steps,
@@ -94,6 +104,7 @@ def plora_callback(lora_args, plora_args, training_args, stage_steps, compensati
         plora_args.max_bad_stages,
         stop,
         output_dir if plora_args.save_stage_factors else None,
+        zero_next_stage if zero else next_stage,
     )
 
 
@@ -119,6 +130,10 @@ def main(model_args, data_args, lora_args, plora_args, training_args) -> dict:
     """Train and save; returns the run summary. Every check runs before output_dir is written."""
     validate(model_args, data_args, lora_args, plora_args, training_args)
     mode = plora_args.finetune_mode
+    check_supported(training_args, mode)  # a distributed setup the unload cannot work under stops here
+    zero = deepspeed_config(training_args) is not None
+    if zero:
+        init_deepspeed_comm(training_args)
     resume = resolve_resume(training_args)
 
     conversations = load_conversations(data_args.data_path)  # bad data fails before any model loads
@@ -129,6 +144,8 @@ def main(model_args, data_args, lora_args, plora_args, training_args) -> dict:
     model = load_model(model_path, model_args.model_dtype, model_args.attn_implementation)
     if mode != "full":
         model = add_adapters(model, lora_args, training_args.seed)
+        if zero:
+            check_only_adapters_train(model)
     probe_name, w0 = probe_layer(model, lora_args)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     dataset = make_dataset(conversations, tokenizer, data_args.model_max_length, data_args.conv_template)
@@ -138,13 +155,16 @@ def main(model_args, data_args, lora_args, plora_args, training_args) -> dict:
 
     output_dir = Path(training_args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    trim_events(output_dir / EVENTS_FILE, resume)
-    trim_stages(output_dir, checkpoint_step(resume) if resume else None)
+    if training_args.process_index == 0:  # one process tidies the shared output directory
+        trim_events(output_dir / EVENTS_FILE, resume)
+        trim_stages(output_dir, checkpoint_step(resume) if resume else None)
     compensation = {} if wants_compensation(plora_args, model_args) else None
     stop = StopRequest()
     callbacks = [PreemptionCallback(stop)]
     if mode != "full":
-        callbacks.append(plora_callback(lora_args, plora_args, training_args, stage_steps, compensation, stop))
+        callbacks.append(plora_callback(lora_args, plora_args, training_args, stage_steps, compensation, stop, zero))
+        if zero and resume:
+            callbacks.append(RestoreBaseWeights(resume, compensation if compensation is not None else {}))
     if wandb_on:
         config = {"trainable_parameters": trainable}
         for group in (model_args, data_args, lora_args, plora_args):
@@ -175,9 +195,10 @@ def main(model_args, data_args, lora_args, plora_args, training_args) -> dict:
 
     # The callback's final unload left every adapter merged and B = 0; drop the LoRA layers.
     final_model = model.unload() if mode != "full" else model
-    if trainer.is_world_process_zero():
-        save_model(final_model, tokenizer, output_dir)
-    summary = summarize(trainer, result, mode, stage_steps, trainable, probe_name, w0, final_model)
+    with gathered(final_model.parameters()):  # ZeRO-3: every weight whole on every rank, for rank 0 to save
+        if trainer.is_world_process_zero():
+            save_model(final_model, tokenizer, output_dir)
+        summary = summarize(trainer, result, mode, stage_steps, trainable, probe_name, w0, final_model)
     if trainer.is_world_process_zero():
         write_run_files(output_dir, (model_args, data_args, lora_args, plora_args, training_args), summary)
         (output_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))

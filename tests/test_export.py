@@ -74,8 +74,8 @@ def test_compress_keeps_an_update_already_within_the_rank():
 
 
 def test_a_resumed_run_drops_stage_files_written_after_its_checkpoint(tmp_path):
-    export.save_stage(tmp_path, 0, 2, {"x.lora_A": torch.zeros(1, 2)})
-    export.save_stage(tmp_path, 1, 4, {"x.lora_A": torch.zeros(1, 2)})
+    export.save_stage(tmp_path, 0, 2, {"x": (torch.zeros(3, 1), torch.zeros(1, 2))})
+    export.save_stage(tmp_path, 1, 4, {"x": (torch.zeros(3, 1), torch.zeros(1, 2))})
     export.trim_stages(tmp_path, 3)
     assert [p.name for p in (tmp_path / "stages").iterdir()] == ["stage-00000.safetensors"]
     export.trim_stages(tmp_path, None)

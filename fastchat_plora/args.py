@@ -18,7 +18,8 @@ from transformers import TrainingArguments as HfTrainingArguments
 
 from fastchat_plora.checkpoint import is_complete, latest_checkpoint
 from fastchat_plora.data import check_conv_template
-from fastchat_plora.models import DTYPES
+from fastchat_plora.distributed import check_supported
+from fastchat_plora.models import ATTENTION, DTYPES, flash_attention_available
 from fastchat_plora.plora import INIT_METHODS, MOMENTUM_MODES
 
 ALL_LINEAR = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # the paper's seven layers
@@ -41,7 +42,11 @@ class ModelArguments:
         metadata={"help": f"Dtype the base weights are loaded in: {', '.join(DTYPES)}. Use --bf16 for autocast."},
     )
     attn_implementation: str = field(
-        default="sdpa", metadata={"help": "Attention kernel: sdpa, eager, or flash_attention_2 where installed."}
+        default="auto",
+        metadata={
+            "help": "Attention kernel: auto (flash_attention_2 where flash-attn is installed on a GPU, else sdpa), "
+            "flash_attention_2, sdpa, eager."
+        },
     )
 
 
@@ -220,6 +225,13 @@ def validate(model_args, data_args, lora_args, plora_args, training_args) -> Non
         raise ConfigError(f"finetune_mode={mode!r}: expected one of {FINETUNE_MODES}")
     if model_args.model_dtype not in DTYPES:
         raise ConfigError(f"model_dtype={model_args.model_dtype!r}: expected one of {tuple(DTYPES)}")
+    if model_args.attn_implementation not in ATTENTION:
+        raise ConfigError(f"attn_implementation={model_args.attn_implementation!r}: expected one of {ATTENTION}")
+    if model_args.attn_implementation == "flash_attention_2" and not flash_attention_available():
+        raise ConfigError(
+            "attn_implementation=flash_attention_2 needs flash-attn on a CUDA GPU "
+            "(pip install 'fastchat-plora[gpu]'); use auto or sdpa"
+        )
     if data_args.data_path is None:
         raise ConfigError("data_path is required (a ShareGPT JSON/JSONL file; see data_prep/)")
     if data_args.conv_template is not None:
@@ -255,6 +267,7 @@ def validate(model_args, data_args, lora_args, plora_args, training_args) -> Non
         raise ConfigError(f"merge_compensation={plora_args.merge_compensation!r}: expected auto, on or off")
     if plora_args.max_bad_stages < 1:
         raise ConfigError(f"max_bad_stages={plora_args.max_bad_stages}: must be at least 1")
+    check_supported(training_args, mode)  # a distributed setup the unload cannot work under
     check_output_dir(training_args)
 
 

@@ -267,7 +267,8 @@ class PLoRATrainer(Trainer):
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         super()._save(output_dir, state_dict)
-        if isinstance(self.model, PeftModel) and not is_partitioned(self.model):
+        # transformers calls _save on every process; only the saving one writes
+        if self.args.should_save and isinstance(self.model, PeftModel) and not is_partitioned(self.model):
             save_plora_state(Path(output_dir or self.args.output_dir), self.model, self.compensation)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:

@@ -103,7 +103,22 @@ def load_tokenizer(path: str, model_max_length: int | None = None) -> PreTrained
     return tokenizer
 
 
-def load_model(path: str, dtype: str = "float32", attn_implementation: str | None = "sdpa") -> PreTrainedModel:
+ATTENTION = ("auto", "flash_attention_2", "sdpa", "eager")
+
+
+def flash_attention_available() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
+
+
+def resolve_attention(attn_implementation: str) -> str:
+    """`auto`: flash-attn's kernels where installed on a GPU (the paper's setup), PyTorch's SDPA otherwise."""
+    if attn_implementation == "auto":
+        return "flash_attention_2" if flash_attention_available() else "sdpa"
+    return attn_implementation
+
+
+def load_model(path: str, dtype: str = "float32", attn_implementation: str = "auto") -> PreTrainedModel:
+    attn_implementation = resolve_attention(attn_implementation)
     config = AutoConfig.from_pretrained(path)
     config.use_cache = False  # training never uses the KV cache
     return AutoModelForCausalLM.from_pretrained(

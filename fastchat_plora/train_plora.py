@@ -35,7 +35,6 @@ from fastchat_plora.checkpoint import latest_checkpoint
 from fastchat_plora.data import load_conversations, make_dataset
 from fastchat_plora.distributed import (
     check_only_adapters_train,
-    check_supported,
     deepspeed_config,
     gathered,
     init_deepspeed_comm,
@@ -130,7 +129,6 @@ def main(model_args, data_args, lora_args, plora_args, training_args) -> dict:
     """Train and save; returns the run summary. Every check runs before output_dir is written."""
     validate(model_args, data_args, lora_args, plora_args, training_args)
     mode = plora_args.finetune_mode
-    check_supported(training_args, mode)  # a distributed setup the unload cannot work under stops here
     zero = deepspeed_config(training_args) is not None
     if zero:
         init_deepspeed_comm(training_args)

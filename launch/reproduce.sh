@@ -19,6 +19,7 @@ RESULTS_DIR="${RESULTS_DIR:-results}"   # tables and figures land in RESULTS_DIR
 SEEDS="${SEEDS:-42}"                    # several seeds, space-separated: table rows show mean ± std
 NPROC="${NPROC:-8}"                     # paper scale: GPUs on this node
 GLOBAL_BATCH="${GLOBAL_BATCH:-24}"      # paper scale: per-device batch x accumulation x NPROC
+DEEPSPEED="${DEEPSPEED:-}"              # paper scale: e.g. configs/ds/zero3.json (full fine-tuning of 7B needs ZeRO)
 DATA_DIR="${DATA_DIR:-}"                # local benchmark files for evaluation (default ../shared/data)
 DRY_RUN="${DRY_RUN:-0}"
 TRAIN_ARGS="${TRAIN_ARGS:-}"            # extra flags for every training run, e.g. "--report_to wandb"
@@ -28,6 +29,8 @@ main() {
     local scale="${2:-small}"
     source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
     cd "$REPO"
+    PYTHON="$PY"
+    source launch/common.sh  # fail, run (DRY_RUN), accumulation
     case "$scale" in small | paper) ;; *) fail "scale '$scale': expected small or paper" ;; esac
     shopt -s nullglob
     local configs=(configs/"$scale"/"$experiment"_*.yaml)
@@ -35,34 +38,34 @@ main() {
     set_scale "$scale"
     "$PY" -m fastchat_plora.args "${configs[@]}"  # every config checked before any run starts
 
-    local cfg seed run runs=()
+    local cfg seed dir runs=()
     for cfg in "${configs[@]}"; do
         for seed in $SEEDS; do
-            run="$RUNS_DIR/$scale/$(basename "$cfg" .yaml)/seed$seed"
-            train "$cfg" "$run" "$seed"
-            runs+=("$run")
+            dir="$RUNS_DIR/$scale/$(basename "$cfg" .yaml)/seed$seed"
+            train "$cfg" "$dir" "$seed"
+            runs+=("$dir")
         done
     done
 
     local out="$RESULTS_DIR/$scale/$experiment" evals=()
-    for run in "${runs[@]}"; do evals+=("$run/eval/results.json"); done
+    for dir in "${runs[@]}"; do evals+=("$dir/eval/results.json"); done
     case "$experiment" in
         table1)
             evaluate "$BASE_MODEL" "$RUNS_DIR/$scale/base/eval"
-            for run in "${runs[@]}"; do evaluate "$run" "$run/eval"; done
-            show "$PY" -m eval.tables --table 1 --output_dir "$out" \
+            for dir in "${runs[@]}"; do evaluate "$dir" "$dir/eval"; done
+            run "$PY" -m eval.tables --table 1 --output_dir "$out" \
                 --results "$RUNS_DIR/$scale/base/eval/results.json" "${evals[@]}"
-            for run in "${runs[@]}"; do rank "$run"; done
-            show "$PY" -m eval.figures spectra --output "$out/spectra.png" \
+            for dir in "${runs[@]}"; do rank "$dir"; done
+            run "$PY" -m eval.figures spectra --output "$out/spectra.png" \
                 --ranks "${runs[@]/%//rank/rank.json}" ;;
         table2 | table3)
-            for run in "${runs[@]}"; do evaluate "$run" "$run/eval"; done
-            show "$PY" -m eval.tables --table "${experiment#table}" --output_dir "$out" --results "${evals[@]}" ;;
+            for dir in "${runs[@]}"; do evaluate "$dir" "$dir/eval"; done
+            run "$PY" -m eval.tables --table "${experiment#table}" --output_dir "$out" --results "${evals[@]}" ;;
         figure2)
-            show "$PY" -m eval.figures loss --runs "${runs[@]}" --smooth "$LOSS_SMOOTH" --output "$out/figure2.png" ;;
+            run "$PY" -m eval.figures loss --runs "${runs[@]}" --smooth "$LOSS_SMOOTH" --output "$out/figure2.png" ;;
         figure3 | figure4)
-            for run in "${runs[@]}"; do sweep "$run"; done
-            show "$PY" -m eval.figures sweep --sweeps "${runs[@]/%//sweep}" --metric "$SWEEP_METRIC" \
+            for dir in "${runs[@]}"; do sweep "$dir"; done
+            run "$PY" -m eval.figures sweep --sweeps "${runs[@]/%//sweep}" --metric "$SWEEP_METRIC" \
                 --window "$SWEEP_WINDOW" --output "$out/$experiment.png" ;;
     esac
 }
@@ -76,53 +79,45 @@ set_scale() {
         SWEEP_METRIC=gsm8k_loss SWEEP_WINDOW=3 LOSS_SMOOTH=8
         SCALE_FLAGS=()
     else
-        local per_device=3
-        (( GLOBAL_BATCH % (NPROC * per_device) == 0 )) \
-            || fail "GLOBAL_BATCH=$GLOBAL_BATCH is not a multiple of NPROC=$NPROC x $per_device per device"
         LAUNCH=(torchrun --nproc_per_node "$NPROC" -m fastchat_plora.train_plora)
         BASE_MODEL=huggyllama/llama-7b
         EVAL_FLAGS=(--tasks gsm8k,mmlu,arc_easy,arc_challenge)
         SWEEP_FLAGS=(--tasks gsm8k)
         SWEEP_METRIC=gsm8k SWEEP_WINDOW=10 LOSS_SMOOTH=150
-        SCALE_FLAGS=(--gradient_accumulation_steps $(( GLOBAL_BATCH / (NPROC * per_device) )))
+        local accumulation_steps
+        accumulation_steps="$(accumulation "$NPROC")"
+        SCALE_FLAGS=(--per_device_train_batch_size "$PER_DEVICE" --gradient_accumulation_steps "$accumulation_steps")
+        if [ -n "$DEEPSPEED" ]; then SCALE_FLAGS+=(--deepspeed "$DEEPSPEED"); fi
     fi
     DATA_FLAGS=()
     if [ -n "$DATA_DIR" ]; then DATA_FLAGS=(--data_dir "$DATA_DIR"); fi
 }
 
 train() {  # config, run dir, seed
-    local cfg="$1" run="$2" seed="$3" resume=()
-    if [ -f "$run/summary.json" ]; then echo "= $run: trained"; return; fi
-    if compgen -G "$run/checkpoint-*/trainer_state.json" > /dev/null; then
+    local cfg="$1" dir="$2" seed="$3" resume=()
+    if [ -f "$dir/summary.json" ]; then echo "= $dir: trained"; return; fi
+    if compgen -G "$dir/checkpoint-*/trainer_state.json" > /dev/null; then
         resume=(--resume_from_checkpoint latest)
-    elif [ -d "$run" ]; then
+    elif [ -d "$dir" ]; then
         resume=(--overwrite_output_dir True)  # died before its first checkpoint: start over
     fi
     # shellcheck disable=SC2086  # TRAIN_ARGS is a list of flags
-    show "${LAUNCH[@]}" --config "$cfg" --output_dir "$run" --seed "$seed" \
+    run "${LAUNCH[@]}" --config "$cfg" --output_dir "$dir" --seed "$seed" \
         "${SCALE_FLAGS[@]}" "${resume[@]}" $TRAIN_ARGS
 }
 
 evaluate() {  # model, output dir
     if [ -f "$2/results.json" ]; then echo "= $2: evaluated"; return; fi
-    show "$PY" -m eval.run_eval --model_path "$1" "${EVAL_FLAGS[@]}" "${DATA_FLAGS[@]}" --output_dir "$2"
+    run "$PY" -m eval.run_eval --model_path "$1" "${EVAL_FLAGS[@]}" "${DATA_FLAGS[@]}" --output_dir "$2"
 }
 
 sweep() {  # run dir
-    show "$PY" -m eval.sweep --run_dir "$1" --output_dir "$1/sweep" "${SWEEP_FLAGS[@]}" "${DATA_FLAGS[@]}"
+    run "$PY" -m eval.sweep --run_dir "$1" --output_dir "$1/sweep" "${SWEEP_FLAGS[@]}" "${DATA_FLAGS[@]}"
 }
 
 rank() {  # run dir
     if [ -f "$1/rank/rank.json" ]; then echo "= $1: rank measured"; return; fi
-    show "$PY" -m fastchat_plora.analyze --model_path "$1" --base_model "$BASE_MODEL" --output_dir "$1/rank"
+    run "$PY" -m fastchat_plora.analyze --model_path "$1" --base_model "$BASE_MODEL" --output_dir "$1/rank"
 }
-
-show() {  # print a command, then run it unless DRY_RUN=1
-    echo "+ $*"
-    if [ "$DRY_RUN" = 1 ]; then return; fi
-    "$@"
-}
-
-fail() { echo "error: $*" >&2; exit 2; }
 
 main "$@"; exit $?

@@ -1,0 +1,92 @@
+"""Every launch script in its dry-run mode: it checks the config and prints the one command it would run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+EXPERIMENTS = ("table1", "table2", "table3", "figure2", "figure3", "figure4")
+
+
+def dry_run(script: str, *args: str, **env: str) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "DRY_RUN": "1", "PYTHON": sys.executable, "PYTHONPATH": str(REPO), **env}
+    return subprocess.run(["bash", f"launch/{script}", *args], cwd=REPO, env=full_env, capture_output=True, text=True)
+
+
+def commands(proc: subprocess.CompletedProcess) -> list[str]:
+    return [line[2:] for line in proc.stdout.splitlines() if line.startswith("+ ")]
+
+
+@pytest.mark.parametrize(
+    "script, launcher",
+    [
+        ("torchrun_node.sh", "torchrun --nproc_per_node 8"),
+        ("deepspeed_node.sh", "deepspeed --num_gpus 8"),
+        ("slurm.sbatch", "torchrun --nnodes 1 --nproc_per_node 8"),
+    ],  # fmt: skip
+)
+def test_cluster_scripts_print_one_launch_line(script, launcher):
+    proc = dry_run(script, "--seed", "7")
+    assert proc.returncode == 0, proc.stderr
+    [command] = commands(proc)
+    assert command.startswith(launcher)
+    assert "--config configs/paper/table1_plora_r8.yaml" in command
+    assert "--per_device_train_batch_size 3 --gradient_accumulation_steps 1" in command  # 8 x 3 = 24
+    assert command.endswith("--seed 7")  # extra flags go last, so they override
+
+
+def test_fewer_gpus_keep_the_global_batch_through_accumulation():
+    [command] = commands(dry_run("torchrun_node.sh", NPROC="2", DEEPSPEED="configs/ds/zero3.json"))
+    assert "--gradient_accumulation_steps 4" in command and "--deepspeed configs/ds/zero3.json" in command
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"NPROC": "5"}, "GLOBAL_BATCH=24 is not a multiple of 5"),
+        ({"CONFIG": "configs/nope.yaml"}, "nope.yaml"),
+        ({"DEEPSPEED": "configs/ds/none.json"}, "none.json"),
+    ],  # fmt: skip
+)
+def test_bad_knobs_stop_with_a_clear_error(env, message):
+    proc = dry_run("torchrun_node.sh", **env)
+    assert proc.returncode == 2 and message in proc.stderr and not commands(proc)
+
+
+def test_a_bad_config_is_refused_before_launch(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data_path: x.jsonl\nfinetune_mode: plora\nunload_every_steps: 0\n")
+    proc = dry_run("deepspeed_node.sh", CONFIG=str(bad))
+    assert proc.returncode == 2 and "unload_every_steps=0" in proc.stderr and not commands(proc)
+
+
+@pytest.mark.parametrize("scale", ["small", "paper"])
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_reproduce_plans_every_run_of_every_experiment(experiment, scale, tmp_path):
+    proc = dry_run("reproduce.sh", experiment, scale, RUNS_DIR=str(tmp_path / "runs"), RESULTS_DIR=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    configs = sorted((REPO / "configs" / scale).glob(f"{experiment}_*.yaml"))
+    trained = [c for c in commands(proc) if "fastchat_plora.train_plora" in c]
+    assert len(trained) == len(configs)
+    for config in configs:
+        assert any(f"--config configs/{scale}/{config.name}" in c for c in trained)
+    last = commands(proc)[-1]
+    assert "eval.tables" in last or "eval.figures" in last
+
+
+def test_reproduce_skips_finished_runs_and_names_unknown_experiments(tmp_path):
+    runs = tmp_path / "runs"
+    done = runs / "small" / "table2_lora_r1_qv" / "seed42"
+    (done / "eval").mkdir(parents=True)
+    (done / "summary.json").write_text("{}")
+    (done / "eval" / "results.json").write_text("{}")
+    proc = dry_run("reproduce.sh", "table2", "small", RUNS_DIR=str(runs), RESULTS_DIR=str(tmp_path))
+    assert f"= {done}: trained" in proc.stdout and f"= {done / 'eval'}: evaluated" in proc.stdout
+    assert not any(f"--output_dir {done} " in c for c in commands(proc))
+    proc = dry_run("reproduce.sh", "table9")
+    assert proc.returncode == 2 and "table9" in proc.stderr

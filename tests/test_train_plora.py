@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from fastchat_plora.models import flash_attention_available
 from fastchat_plora.train_plora import cli
 
 REPO = Path(__file__).resolve().parent.parent
@@ -150,6 +151,13 @@ BAD_INPUTS = [
     (["--unload_every_steps", "2", "--model_dtype", "int8"], "model_dtype='int8'"),
     (["--unload_every_steps", "2", "--model_max_length", "0"], "model_max_length=0"),
     (["--unload_every_steps", "2", "--lora_dropout", "1.5"], "lora_dropout=1.5"),
+    (["--unload_every_steps", "2", "--max_train_samples", "0"], "max_train_samples=0"),
+    (["--unload_every_steps", "2", "--attn_implementation", "flash"], "attn_implementation='flash'"),
+    pytest.param(
+        ["--unload_every_steps", "2", "--attn_implementation", "flash_attention_2"],
+        "needs flash-attn",
+        marks=pytest.mark.skipif(flash_attention_available(), reason="flash-attn is installed on a GPU here"),
+    ),
 ]
 
 

@@ -21,6 +21,7 @@ mode every trainable parameter is an adapter factor (checked before training sta
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 from pathlib import Path
 
@@ -28,13 +29,16 @@ import torch
 
 from fastchat_plora.plora import (
     NonFiniteAdapterError,
+    StageOps,
     UnloadReport,
     compensated_add_,
+    fresh_lora_a,
     lora_layers,
     needs_compensation,
     next_factors,
+    next_stage,
     scaled_update,
-    stage_generator,
+    zero_state_,
 )
 
 UNSUPPORTED_OFFLOAD = ("offload_optimizer", "offload_param")
@@ -194,48 +198,24 @@ def innermost_optimizer(optimizer):
     return optimizer
 
 
-def reset_all_optimizer_state(optimizer) -> int:
+def reset_zero_optimizer_state(optimizer, model=None, adapter_name: str = "default") -> int:
     """Zero every state tensor and step count of the optimizer DeepSpeed wraps (see the module note)."""
     inner = innermost_optimizer(optimizer)
-    count = 0
     for state in inner.state.values():
-        for key, value in state.items():
-            if torch.is_tensor(value):
-                value.zero_()
-            elif isinstance(value, (int, float)):
-                state[key] = type(value)(0)
-        count += 1
-    return count
+        zero_state_(state)
+    return len(inner.state)
 
 
-def zero_next_stage(
-    model: torch.nn.Module,
-    optimizer,
-    stage: int,
-    seed: int,
-    momentum: float = 0.0,
-    mode: str = "preserve",
-    init: str = "gaussian",
-    adapter_name: str = "default",
-    compensation: dict[str, torch.Tensor] | None = None,
-    keep_factors: bool = False,
-) -> UnloadReport:
-    """plora.next_stage under ZeRO: the same contract, the same generator, the ZeRO-aware writes."""
-    generator = stage_generator(seed, stage + 1)
-    try:
-        report = zero_unload(model, momentum, mode, generator, init, adapter_name, compensation, keep_factors)
-    except NonFiniteAdapterError:  # as plora.next_stage: discard the adapters, keep the base weights
-        for _, layer in lora_layers(model, adapter_name):
-            a, b = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
-            new_a, new_b = next_factors(
-                torch.empty(full_shape(a)), torch.empty(full_shape(b)), 0.0, mode, generator, init
-            )
-            write(a, new_a)
-            write(b, new_b)
-        report = UnloadReport(momentum=momentum, mode=mode, skipped=True)
-    if optimizer is not None:
-        reset_all_optimizer_state(optimizer)
-    return report
+def zero_reinit_adapters(model: torch.nn.Module, generator, init: str = "gaussian", adapter_name: str = "default"):
+    """plora.reinit_adapters for ZeRO parameters: a fresh A (drawn in module order), B = 0, masters too."""
+    for _, layer in lora_layers(model, adapter_name):
+        a, b = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
+        write(a, fresh_lora_a(full_shape(a), generator, init))
+        write(b, torch.zeros(full_shape(b)))
+
+
+ZERO_OPS = StageOps(unload=zero_unload, reinit=zero_reinit_adapters, reset=reset_zero_optimizer_state)
+zero_next_stage = functools.partial(next_stage, ops=ZERO_OPS)
 
 
 def check_only_adapters_train(model: torch.nn.Module, adapter_name: str = "default") -> None:

@@ -235,15 +235,23 @@ def reset_optimizer_state(optimizer: torch.optim.Optimizer, params: Iterable[tor
     count = 0
     for p in params:
         state = optimizer.state.get(p)
-        if not state:
-            continue
-        for key, value in state.items():
-            if torch.is_tensor(value):
-                value.zero_()
-            elif isinstance(value, (int, float)):
-                state[key] = type(value)(0)
-        count += 1
+        if state:
+            zero_state_(state)
+            count += 1
     return count
+
+
+def zero_state_(state: dict) -> None:
+    """One parameter's optimizer state back to a fresh start: tensors zeroed in place, counts to 0."""
+    for key, value in state.items():
+        if torch.is_tensor(value):
+            value.zero_()
+        elif isinstance(value, (int, float)):
+            state[key] = type(value)(0)
+
+
+def reset_adapter_state(optimizer, model: torch.nn.Module, adapter_name: str = "default") -> int:
+    return reset_optimizer_state(optimizer, adapter_parameters(model, adapter_name))
 
 
 def periodic_lr_lambda(lr_lambda: Callable[[int], float], period: int) -> Callable[[int], float]:
@@ -285,6 +293,19 @@ def steps_per_stage(
     return max(1, round(unload_every_samples / global_batch_size))
 
 
+@dataclass(frozen=True)
+class StageOps:
+    """What the end of a stage does to the weights and the optimizer.
+
+    The defaults act on modules one process holds whole; `distributed.ZERO_OPS` puts DeepSpeed
+    ZeRO's gather-and-write around the same maths. `next_stage` is the same for both.
+    """
+
+    unload: Callable[..., UnloadReport] = unload
+    reinit: Callable[..., None] = reinit_adapters
+    reset: Callable[..., int] = reset_adapter_state
+
+
 def next_stage(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer | None,
@@ -296,6 +317,7 @@ def next_stage(
     adapter_name: str = "default",
     compensation: dict[str, torch.Tensor] | None = None,
     keep_factors: bool = False,
+    ops: StageOps = StageOps(),
 ) -> UnloadReport:
     """End stage ``stage``: unload the adapters and reset their optimizer state.
 
@@ -306,10 +328,10 @@ def next_stage(
     """
     generator = stage_generator(seed, stage + 1)
     try:
-        report = unload(model, momentum, mode, generator, init, adapter_name, compensation, keep_factors)
+        report = ops.unload(model, momentum, mode, generator, init, adapter_name, compensation, keep_factors)
     except NonFiniteAdapterError:
-        reinit_adapters(model, generator, init, adapter_name)
+        ops.reinit(model, generator, init, adapter_name)
         report = UnloadReport(momentum=momentum, mode=mode, skipped=True)
     if optimizer is not None:
-        reset_optimizer_state(optimizer, adapter_parameters(model, adapter_name))
+        ops.reset(optimizer, model, adapter_name)
     return report

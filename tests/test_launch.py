@@ -23,15 +23,15 @@ def commands(proc: subprocess.CompletedProcess) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    "script, launcher",
+    "script, env, launcher",
     [
-        ("torchrun_node.sh", "torchrun --nproc_per_node 8"),
-        ("deepspeed_node.sh", "deepspeed --num_gpus 8"),
-        ("slurm.sbatch", "torchrun --nnodes 1 --nproc_per_node 8"),
-    ],  # fmt: skip
+        ("node.sh", {}, "torchrun --nproc_per_node 8"),
+        ("node.sh", {"LAUNCHER": "deepspeed"}, "deepspeed --num_gpus 8"),
+        ("slurm.sbatch", {}, "torchrun --nnodes 1 --nproc_per_node 8"),
+    ],
 )
-def test_cluster_scripts_print_one_launch_line(script, launcher):
-    proc = dry_run(script, "--seed", "7")
+def test_cluster_scripts_print_one_launch_line(script, env, launcher):
+    proc = dry_run(script, "--seed", "7", **env)
     assert proc.returncode == 0, proc.stderr
     [command] = commands(proc)
     assert command.startswith(launcher)
@@ -41,7 +41,7 @@ def test_cluster_scripts_print_one_launch_line(script, launcher):
 
 
 def test_fewer_gpus_keep_the_global_batch_through_accumulation():
-    [command] = commands(dry_run("torchrun_node.sh", NPROC="2", DEEPSPEED="configs/ds/zero3.json"))
+    [command] = commands(dry_run("node.sh", NPROC="2", DEEPSPEED="configs/ds/zero3.json"))
     assert "--gradient_accumulation_steps 4" in command and "--deepspeed configs/ds/zero3.json" in command
 
 
@@ -51,17 +51,18 @@ def test_fewer_gpus_keep_the_global_batch_through_accumulation():
         ({"NPROC": "5"}, "GLOBAL_BATCH=24 is not a multiple of 5"),
         ({"CONFIG": "configs/nope.yaml"}, "nope.yaml"),
         ({"DEEPSPEED": "configs/ds/none.json"}, "none.json"),
-    ],  # fmt: skip
+        ({"LAUNCHER": "mpirun"}, "LAUNCHER=mpirun"),
+    ],
 )
 def test_bad_knobs_stop_with_a_clear_error(env, message):
-    proc = dry_run("torchrun_node.sh", **env)
+    proc = dry_run("node.sh", **env)
     assert proc.returncode == 2 and message in proc.stderr and not commands(proc)
 
 
 def test_a_bad_config_is_refused_before_launch(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("data_path: x.jsonl\nfinetune_mode: plora\nunload_every_steps: 0\n")
-    proc = dry_run("deepspeed_node.sh", CONFIG=str(bad))
+    proc = dry_run("node.sh", CONFIG=str(bad), LAUNCHER="deepspeed")
     assert proc.returncode == 2 and "unload_every_steps=0" in proc.stderr and not commands(proc)
 
 

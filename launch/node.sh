@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# One node, NPROC GPUs: torchrun (DDP, or ZeRO with DEEPSPEED=) or the DeepSpeed launcher (LAUNCHER=deepspeed).
+#   CONFIG=configs/paper/table1_plora_r8.yaml bash launch/node.sh [extra flags]
+#   CONFIG=configs/paper/table1_full.yaml LAUNCHER=deepspeed DEEPSPEED=configs/ds/zero3.json bash launch/node.sh
+# DRY_RUN=1 prints the command and checks the config without starting anything.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+source launch/common.sh
+
+# ---- knobs ----
+CONFIG="${CONFIG:-configs/paper/table1_plora_r8.yaml}"
+OUTPUT_DIR="${OUTPUT_DIR:-runs/$(basename "$CONFIG" .yaml)}"
+NPROC="${NPROC:-8}"
+MASTER_PORT="${MASTER_PORT:-29500}"
+LAUNCHER="${LAUNCHER:-torchrun}"      # torchrun or deepspeed
+DEEPSPEED="${DEEPSPEED:-}"            # a ZeRO config; empty: plain DDP (torchrun only)
+
+check_config "$CONFIG"
+ACCUMULATION="$(accumulation "$NPROC")"
+case "$LAUNCHER" in
+    torchrun) START=(torchrun --nproc_per_node "$NPROC" --master_port "$MASTER_PORT" -m) ;;
+    deepspeed)
+        [ -n "$DEEPSPEED" ] || DEEPSPEED=configs/ds/zero2.json
+        START=(deepspeed --num_gpus "$NPROC" --master_port "$MASTER_PORT" --module) ;;
+    *) fail "LAUNCHER=$LAUNCHER: expected torchrun or deepspeed" ;;
+esac
+DS_FLAGS=()
+if [ -n "$DEEPSPEED" ]; then DS_FLAGS=(--deepspeed "$DEEPSPEED"); fi
+run "${START[@]}" fastchat_plora.train_plora --config "$CONFIG" --output_dir "$OUTPUT_DIR" \
+    --per_device_train_batch_size "$PER_DEVICE" --gradient_accumulation_steps "$ACCUMULATION" "${DS_FLAGS[@]}" "$@"

@@ -13,8 +13,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -135,3 +137,28 @@ def test_unsupported_setups_stop_before_training(setup, tmp_path, extra, message
     )
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
     assert not out.exists()
+
+
+def test_a_rank_that_dies_ends_the_job_and_leaves_the_last_checkpoint_readable(setup, tmp_path):
+    base, data, _, _ = setup
+    out = tmp_path / "run"
+    args = flags(base, data, out, 1)
+    args[args.index("--max_steps") + 1] = "400"  # long enough to be killed mid-run
+    args[args.index("--save_steps") + 1] = "2"
+    command = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", "29616",
+               "-m", "fastchat_plora.train_plora", *args]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    log = (tmp_path / "log").open("w")
+    job = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 600
+    while not (out / "checkpoint-4").is_dir() and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    workers = subprocess.run(["pgrep", "-P", str(job.pid)], capture_output=True, text=True).stdout.split()
+    assert workers and job.poll() is None, (tmp_path / "log").read_text()[-2000:]
+    os.kill(int(workers[-1]), signal.SIGKILL)  # one rank dies without warning
+    assert job.wait(timeout=300) != 0
+    last = max(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))
+    model, _ = load_for_eval(out / f"checkpoint-{last}")  # complete: staged, then renamed into place
+    assert not (out / "summary.json").exists()
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=torch.arange(3, 20).unsqueeze(0)).logits).all()

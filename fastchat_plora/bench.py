@@ -1,6 +1,7 @@
 """Benchmark: our LoRA/PLoRA/full training path against plain HF Trainer + PEFT, same model and data.
 
     python -m fastchat_plora.bench --data_path data/mix/mix.jsonl [--steps 16 --repeats 2]
+    python -m fastchat_plora.bench --random_tokens 512 [--modes lora,full]
 
 Each run is a separate process (so peak memory is that run's own), launched by this script in
 rotating order (baseline, lora, plora, full, baseline, ...) so machine noise hits all alike. It
@@ -54,7 +55,6 @@ def run_one(mode: str, args: argparse.Namespace) -> dict:
 
     from fastchat_plora.args import ALL_LINEAR, LoraArguments, TrainingArguments
     from fastchat_plora.callback import PLoRACallback, PLoRATrainer
-    from fastchat_plora.data import SupervisedDataset, make_dataset
     from fastchat_plora.models import load_model, load_tokenizer, resolve_model_path
     from fastchat_plora.plora import next_stage
     from fastchat_plora.train_plora import add_adapters
@@ -75,9 +75,7 @@ def run_one(mode: str, args: argparse.Namespace) -> dict:
         model = add_adapters(model, LoraArguments(lora_r=args.lora_r, lora_dropout=args.lora_dropout), seed=0)
     # Every mode trains on the same steps x batch conversations, one epoch: the same work, batched
     # as each mode batches it (random and padded for the baseline, grouped by length for ours).
-    full_set = make_dataset(args.data_path, tokenizer, args.model_max_length)
-    chosen = random.Random(0).sample(range(len(full_set)), args.steps * args.batch_size)
-    dataset = SupervisedDataset([full_set.examples[i] for i in chosen])
+    dataset = bench_dataset(args, tokenizer)
     stage_steps = args.unload_every_steps if mode == "plora" else None
     clock = StepClock()
     with tempfile.TemporaryDirectory() as out:
@@ -111,9 +109,28 @@ def run_one(mode: str, args: argparse.Namespace) -> dict:
     }
 
 
+def bench_dataset(args: argparse.Namespace, tokenizer):
+    """`steps x batch` examples: real conversations drawn from the data file, or random tokens.
+
+    Random tokens (`--random_tokens L`): rows of exactly L uniformly drawn token ids, every position
+    labeled, so there is no padding and no prompt masking: the pure compute-bound case.
+    """
+    from fastchat_plora.data import SupervisedDataset, make_dataset
+
+    count = args.steps * args.batch_size
+    if args.random_tokens:
+        rng = random.Random(0)
+        rows = [[rng.randrange(len(tokenizer)) for _ in range(args.random_tokens)] for _ in range(count)]
+        return SupervisedDataset([{"input_ids": row, "labels": list(row)} for row in rows])
+    full_set = make_dataset(args.data_path, tokenizer, args.model_max_length)
+    chosen = random.Random(0).sample(range(len(full_set)), count)
+    return SupervisedDataset([full_set.examples[i] for i in chosen])
+
+
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data_path", required=True, help="ShareGPT JSONL to train on (e.g. GSM8K train)")
+    parser.add_argument("--data_path", help="ShareGPT JSONL to train on (e.g. the mix); or --random_tokens")
+    parser.add_argument("--random_tokens", type=int, default=None, help="rows of this many random tokens instead")
     parser.add_argument("--model_name_or_path", default=None, help="default: the embedded SmolLM2-135M-Instruct")
     parser.add_argument("--steps", type=int, default=12, help="optimizer steps per run")
     parser.add_argument("--batch_size", type=int, default=4)
@@ -130,6 +147,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
+    if (args.data_path is None) == (args.random_tokens is None):
+        print("error: give exactly one of --data_path and --random_tokens", file=sys.stderr)
+        sys.exit(2)
     if args.worker:
         print(json.dumps(run_one(args.worker, args)))
         return
@@ -147,7 +167,8 @@ def main(argv: list[str] | None = None) -> None:
         m: {k: statistics.median(r[k] for r in runs if r["mode"] == m) for k in ("tokens_per_s", "step_seconds",
             "peak_rss_mib")} for m in modes
     }  # fmt: skip
-    print(f"\nembedded model, real conversations, LoRA r{args.lora_r} on all 7 linear layers, batch "
+    data = f"random tokens x {args.random_tokens}" if args.random_tokens else "real conversations"
+    print(f"\nembedded model, {data}, LoRA r{args.lora_r} on all 7 linear layers, batch "
           f"{args.batch_size}, {args.steps} steps, median of {args.repeats} runs each:")  # fmt: skip
     for m in modes:
         print(f"  {m:8s}: {med[m]['tokens_per_s']:8.1f} real tokens/s, peak RSS {med[m]['peak_rss_mib']:7.0f} MiB, "

@@ -1,6 +1,11 @@
-"""The fast paths compute the same thing: labeled-logits-only loss and padding-free batches."""
+"""The fast paths compute the same thing (labeled-logits-only loss, padding-free batches); the bench runs."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +16,8 @@ from fastchat_plora.callback import PLoRATrainer
 from fastchat_plora.data import ChatRenderer, build_examples
 from fastchat_plora.train_plora import make_collator
 from tests.conftest import tiny_llama, tiny_lora
+
+REPO = Path(__file__).resolve().parent.parent
 
 CONVERSATIONS = [
     [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there."}],
@@ -61,3 +68,21 @@ def test_padding_free_batch_matches_padded_batch(tokenizer, examples, tmp_path, 
     torch.testing.assert_close(loss_flat, loss_padded, rtol=1e-5, atol=1e-6)
     for name in grads_padded:
         torch.testing.assert_close(grads_flat[name], grads_padded[name], rtol=1e-4, atol=1e-6)
+
+
+def test_bench_runs_on_random_tokens_and_prints_the_ratios(tiny_model_dir):
+    command = [sys.executable, "-m", "fastchat_plora.bench", "--model_name_or_path", str(tiny_model_dir),
+               "--random_tokens", "24", "--steps", "4", "--batch_size", "2", "--repeats", "1",
+               "--modes", "baseline,lora,plora,full", "--unload_every_steps", "2", "--unload_repeats", "1"]  # fmt: skip
+    proc = subprocess.run(
+        command, capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "random tokens x 24" in proc.stdout
+    for line in ("lora/baseline tokens_per_s", "plora/lora peak_rss_mib", "lora/full peak_rss_mib", "one unload"):
+        assert line in proc.stdout
+
+
+def test_bench_needs_exactly_one_data_source():
+    proc = subprocess.run([sys.executable, "-m", "fastchat_plora.bench"], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 2 and "exactly one of --data_path and --random_tokens" in proc.stderr

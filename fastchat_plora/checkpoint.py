@@ -38,7 +38,9 @@ def plora_state(model: torch.nn.Module, compensation: dict[str, torch.Tensor], a
         }
         with gathered(tensors.values()):
             for kind, tensor in tensors.items():
-                state[f"{kind}::{name}"] = tensor.detach().contiguous().cpu().clone()
+                value = tensor.detach().contiguous().cpu()
+                # a gathered ZeRO-3 tensor is released on exit: keep a copy of it
+                state[f"{kind}::{name}"] = value.clone() if hasattr(tensor, "ds_id") else value
         if name in compensation:
             state[f"comp::{name}"] = compensation[name].detach().contiguous().cpu()
     return state

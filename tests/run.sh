@@ -3,5 +3,5 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/../launch/env.sh"
 cd "$REPO"
-"$PY" -m ruff check fastchat_plora data_prep tests
+"$PY" -m ruff check .
 "$PY" -m pytest -q "$@"

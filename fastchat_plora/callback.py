@@ -25,7 +25,6 @@ from fastchat_plora.checkpoint import (
     load_merged_base_weights,
     load_plora_state,
     plora_state,
-    save_plora_state,
 )
 from fastchat_plora.data import IGNORE_INDEX
 from fastchat_plora.distributed import is_partitioned
@@ -265,12 +264,6 @@ class PLoRATrainer(Trainer):
             loss = loss * self.accelerator.num_processes  # as the Trainer does for a model's own loss
         return loss
 
-    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
-        super()._save(output_dir, state_dict)
-        # transformers calls _save on every process; only the saving one writes
-        if self.args.should_save and isinstance(self.model, PeftModel) and not is_partitioned(self.model):
-            save_plora_state(Path(output_dir or self.args.output_dir), self.model, self.compensation)
-
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         # The base weights hold the merged stages, which PEFT's adapter loading knows nothing of.
         if isinstance(self.model, PeftModel):
@@ -295,8 +288,9 @@ class PLoRATrainer(Trainer):
             super()._save_checkpoint(model, trial)
         finally:
             self.args.output_dir = run_dir
-        if isinstance(self.model, PeftModel) and is_partitioned(self.model):
-            # ZeRO-3: `_save` runs on rank 0 alone and cannot gather; every rank gathers here instead
+        if isinstance(self.model, PeftModel) and (self.args.should_save or is_partitioned(self.model)):
+            # The merged base weights, which PEFT's adapter checkpoint knows nothing of. Under ZeRO-3
+            # every rank joins the gather; only the saving process writes.
             state = plora_state(self.model, self.compensation)
             if self.args.should_save:
                 save_file(state, os.path.join(staging, name, STATE_FILE))

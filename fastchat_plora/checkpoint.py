@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from fastchat_plora.distributed import gathered
 from fastchat_plora.plora import lora_layers
@@ -44,10 +44,6 @@ def plora_state(model: torch.nn.Module, compensation: dict[str, torch.Tensor], a
         if name in compensation:
             state[f"comp::{name}"] = compensation[name].detach().contiguous().cpu()
     return state
-
-
-def save_plora_state(path: Path, model: torch.nn.Module, compensation: dict[str, torch.Tensor]) -> None:
-    save_file(plora_state(model, compensation), str(path / STATE_FILE))
 
 
 def load_merged_base_weights(path: Path, model: torch.nn.Module, compensation: dict[str, torch.Tensor]) -> None:

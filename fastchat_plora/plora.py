@@ -75,19 +75,12 @@ def stage_generator(seed: int, stage: int) -> torch.Generator:
     return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
-def delta_weight(layer: LoraLayer, adapter_name: str = "default") -> torch.Tensor:
-    """Delta = s * B @ A in fp32, laid out like the base weight.
-
-    PEFT's ``get_delta_weight`` computes in the adapter's dtype; we need fp32 for exact merging
-    in bf16/fp16 runs, so the two-line product is written here.
-    """
-    a = layer.lora_A[adapter_name].weight
-    b = layer.lora_B[adapter_name].weight
-    return scaled_update(a, b, layer.scaling[adapter_name], getattr(layer, "fan_in_fan_out", False))
-
-
 def scaled_update(a: torch.Tensor, b: torch.Tensor, scale: float, fan_in_fan_out: bool = False) -> torch.Tensor:
-    """scale * B @ A in fp32, transposed for layers that store their weight as (in, out)."""
+    """scale * B @ A in fp32, transposed for layers that store their weight as (in, out).
+
+    PEFT's ``get_delta_weight`` computes in the adapter's dtype; exact merging in bf16/fp16 runs
+    needs fp32, so the two-line product is written here.
+    """
     delta = (b.float() @ a.float()) * scale
     return delta.T if fan_in_fan_out else delta
 

@@ -1,4 +1,4 @@
-"""The PLoRA unload where DeepSpeed ZeRO owns the weights: gather, compute with plora.py, write back.
+"""The PLoRA unload where DeepSpeed ZeRO owns the weights: plora.py's maths through ZeRO's gather, read and write.
 
 Plain data parallel (torchrun, DDP) needs nothing of this: every rank holds the same full weights
 and the same adapters, draws the same A from the same (seed, stage) generator, and so makes the
@@ -27,19 +27,7 @@ from pathlib import Path
 
 import torch
 
-from fastchat_plora.plora import (
-    NonFiniteAdapterError,
-    StageOps,
-    UnloadReport,
-    compensated_add_,
-    fresh_lora_a,
-    lora_layers,
-    needs_compensation,
-    next_factors,
-    next_stage,
-    scaled_update,
-    zero_state_,
-)
+from fastchat_plora.plora import LocalWeights, lora_layers, next_stage, zero_state_
 
 UNSUPPORTED_OFFLOAD = ("offload_optimizer", "offload_param")
 
@@ -118,77 +106,48 @@ def gathered(params, modifier_rank: int | None = None):
         yield
 
 
-def full_shape(param: torch.Tensor) -> torch.Size:
-    return param.ds_shape if hasattr(param, "ds_shape") else param.shape
-
-
 def rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
-def read_fp32(param: torch.Tensor) -> torch.Tensor:
-    """The full fp32 value of a trainable parameter: its ZeRO master copy (a collective call)."""
-    from deepspeed.utils import safe_get_full_fp32_param
+class ZeroWeights(LocalWeights):
+    """The unload's weight access under DeepSpeed ZeRO (see the module note). Every rank must use it.
 
-    value = safe_get_full_fp32_param(param) if is_zero_param(param) else None
-    return (value if value is not None else param.detach()).float().cpu()
-
-
-def write(param: torch.Tensor, value: torch.Tensor) -> None:
-    """Set a trainable parameter everywhere it lives: the parameter (or its partitions) and its master."""
-    from deepspeed.utils import safe_set_full_fp32_param
-
-    with gathered([param], modifier_rank=0):
-        param.data.copy_(value.to(param.device, param.dtype))
-    if is_zero_param(param):
-        safe_set_full_fp32_param(param, value.to(param.device, torch.float32))
-
-
-def zero_unload(
-    model: torch.nn.Module,
-    momentum: float,
-    mode: str,
-    generator: torch.Generator | None,
-    init: str = "gaussian",
-    adapter_name: str = "default",
-    compensation: dict[str, torch.Tensor] | None = None,
-    keep_factors: bool = False,
-) -> UnloadReport:
-    """plora.unload for a model whose parameters DeepSpeed ZeRO manages. Every rank must call it.
-
-    The same maths (plora.scaled_update, plora.next_factors, plora.compensated_add_) on the full fp32
-    adapters; layers are visited in module order, so A is drawn in the order a single process draws it.
+    Reads and writes are collective calls; plora.unload makes them in module order on every rank.
     """
-    layers = list(lora_layers(model, adapter_name))
-    if not layers:
-        raise ValueError(f"the model has no LoRA layers for adapter {adapter_name!r}")
-    factors = {name: (read_fp32(layer.lora_A[adapter_name].weight), read_fp32(layer.lora_B[adapter_name].weight))
-               for name, layer in layers}  # fmt: skip
-    for name, (a, b) in factors.items():  # checked before any write, as in plora.unload
-        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-            raise NonFiniteAdapterError(f"{name} holds NaN or Inf; refusing to merge it")
 
-    report = UnloadReport(momentum=momentum, mode=mode, factors={} if keep_factors else None)
-    with torch.no_grad():
-        for name, layer in layers:
-            a, b = factors[name]
-            coefficient = (1.0 - momentum) * layer.scaling[adapter_name]
-            merged = scaled_update(a, b, coefficient, getattr(layer, "fan_in_fan_out", False))
-            base = layer.get_base_layer().weight
-            with gathered([base], modifier_rank=0):
-                comp = None
-                partitioned = hasattr(base, "ds_id")
-                # Under ZeRO-3 only rank 0's write survives the gather, so only rank 0 keeps the buffers.
-                if compensation is not None and needs_compensation(base) and (not partitioned or rank() == 0):
-                    comp = compensation.setdefault(name, torch.zeros_like(base))
-                compensated_add_(base, merged.to(base.device), comp)
-            report.update_norms[name] = merged.norm().item()
-            if keep_factors:
-                report.factors[name] = (b * coefficient, a)
-            new_a, new_b = next_factors(a, b, momentum, mode, generator, init)
-            write(layer.lora_A[adapter_name].weight, new_a)
-            write(layer.lora_B[adapter_name].weight, new_b)
-    return report
+    def read(self, param: torch.Tensor) -> torch.Tensor:
+        """The full fp32 value of a trainable parameter: its ZeRO master copy, on the CPU."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        value = safe_get_full_fp32_param(param) if is_zero_param(param) else None
+        return (value if value is not None else param.detach()).float().cpu()
+
+    def write(self, param: torch.Tensor, value: torch.Tensor) -> None:
+        """Set a trainable parameter everywhere it lives: the parameter (or its partitions) and its master."""
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        with torch.no_grad(), gathered([param], modifier_rank=0):
+            param.copy_(value.to(param.device, param.dtype))
+        if is_zero_param(param):
+            safe_set_full_fp32_param(param, value.to(param.device, torch.float32))
+
+    def shape(self, param: torch.Tensor) -> torch.Size:
+        return param.ds_shape if hasattr(param, "ds_shape") else param.shape
+
+    def whole(self, weight: torch.Tensor) -> contextlib.AbstractContextManager:
+        return gathered([weight], modifier_rank=0)
+
+    def keeps_compensation(self, weight: torch.Tensor) -> bool:
+        # Under ZeRO-3 only rank 0's write survives the gather, so only rank 0 keeps the buffers.
+        return not hasattr(weight, "ds_id") or rank() == 0
+
+    def reset_optimizer(self, optimizer, model=None, adapter_name: str = "default") -> int:
+        """Zero every state tensor and step count of the optimizer DeepSpeed wraps (see the module note)."""
+        inner = innermost_optimizer(optimizer)
+        for state in inner.state.values():
+            zero_state_(state)
+        return len(inner.state)
 
 
 def innermost_optimizer(optimizer):
@@ -198,24 +157,8 @@ def innermost_optimizer(optimizer):
     return optimizer
 
 
-def reset_zero_optimizer_state(optimizer, model=None, adapter_name: str = "default") -> int:
-    """Zero every state tensor and step count of the optimizer DeepSpeed wraps (see the module note)."""
-    inner = innermost_optimizer(optimizer)
-    for state in inner.state.values():
-        zero_state_(state)
-    return len(inner.state)
-
-
-def zero_reinit_adapters(model: torch.nn.Module, generator, init: str = "gaussian", adapter_name: str = "default"):
-    """plora.reinit_adapters for ZeRO parameters: a fresh A (drawn in module order), B = 0, masters too."""
-    for _, layer in lora_layers(model, adapter_name):
-        a, b = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
-        write(a, fresh_lora_a(full_shape(a), generator, init))
-        write(b, torch.zeros(full_shape(b)))
-
-
-ZERO_OPS = StageOps(unload=zero_unload, reinit=zero_reinit_adapters, reset=reset_zero_optimizer_state)
-zero_next_stage = functools.partial(next_stage, ops=ZERO_OPS)
+ZERO = ZeroWeights()
+zero_next_stage = functools.partial(next_stage, weights=ZERO)
 
 
 def check_only_adapters_train(model: torch.nn.Module, adapter_name: str = "default") -> None:

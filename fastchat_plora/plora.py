@@ -24,6 +24,7 @@ the existing tensors so the Parameter objects, and the optimizer's references to
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 from collections.abc import Callable, Iterable, Iterator
@@ -97,12 +98,6 @@ def fresh_lora_a(shape: torch.Size, generator: torch.Generator, method: str = "g
     return fresh
 
 
-def init_lora_a_(weight: torch.Tensor, generator: torch.Generator, method: str = "gaussian") -> None:
-    """Re-draw A in place; the same distributions PEFT uses for its initial adapter."""
-    with torch.no_grad():
-        weight.copy_(fresh_lora_a(weight.shape, generator, method))
-
-
 def next_factors(
     a: torch.Tensor, b: torch.Tensor, momentum: float, mode: str, generator: torch.Generator | None, init: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,25 +108,55 @@ def next_factors(
     return a.float() * keep, b.float() * keep
 
 
+class LocalWeights:
+    """How an unload reads and writes weights that this process holds whole.
+
+    `unload`, `reinit_adapters` and `next_stage` do all their maths through one of these, so the
+    maths is written once; `distributed.ZeroWeights` overrides the access for DeepSpeed ZeRO, where
+    the adapters' fp32 masters live in the optimizer and ZeRO-3 partitions every weight.
+    """
+
+    def read(self, param: torch.Tensor) -> torch.Tensor:
+        """The full value of an adapter factor."""
+        return param.detach()
+
+    def write(self, param: torch.Tensor, value: torch.Tensor) -> None:
+        """Set an adapter factor in place (the optimizer keeps its reference to the Parameter)."""
+        with torch.no_grad():
+            param.copy_(value)
+
+    def shape(self, param: torch.Tensor) -> torch.Size:
+        return param.shape
+
+    def whole(self, weight: torch.Tensor) -> contextlib.AbstractContextManager:
+        """A block inside which ``weight`` is whole and writes to it last."""
+        return contextlib.nullcontext()
+
+    def keeps_compensation(self, weight: torch.Tensor) -> bool:
+        """Whether this process keeps the Kahan buffer of ``weight`` (the one whose writes last)."""
+        return True
+
+    def reset_optimizer(self, optimizer, model: torch.nn.Module, adapter_name: str = "default") -> int:
+        """Zero the adapters' optimizer state; returns how many parameters had state."""
+        return reset_optimizer_state(optimizer, adapter_parameters(model, adapter_name))
+
+
+LOCAL = LocalWeights()
+
+
 def reinit_adapters(
     model: torch.nn.Module,
     generator: torch.Generator,
     init: str = "gaussian",
     adapter_name: str = "default",
+    weights: LocalWeights = LOCAL,
 ) -> None:
-    """Start a fresh adapter everywhere: A re-drawn from ``generator``, B = 0."""
+    """Start a fresh adapter everywhere: A re-drawn from ``generator`` in module order, B = 0."""
     with torch.no_grad():
         for _, layer in lora_layers(model, adapter_name):
-            init_lora_a_(layer.lora_A[adapter_name].weight, generator, init)
-            layer.lora_B[adapter_name].weight.zero_()
-
-
-def _check_finite(layers: list[tuple[str, LoraLayer]], adapter_name: str) -> None:
-    # Checked on the factors before any write, so a bad adapter leaves every base weight intact.
-    for name, layer in layers:
-        for factor in ("lora_A", "lora_B"):
-            if not torch.isfinite(getattr(layer, factor)[adapter_name].weight).all():
-                raise NonFiniteAdapterError(f"{name}.{factor} holds NaN or Inf; refusing to merge it")
+            a, b = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
+            weights.write(a, fresh_lora_a(weights.shape(a), generator, init))
+            weights.write(b, torch.zeros(weights.shape(b)))
 
 
 def compensated_add_(weight: torch.Tensor, update: torch.Tensor, compensation: torch.Tensor | None) -> None:
@@ -167,6 +192,7 @@ def unload(
     adapter_name: str = "default",
     compensation: dict[str, torch.Tensor] | None = None,
     keep_factors: bool = False,
+    weights: LocalWeights = LOCAL,
 ) -> UnloadReport:
     """Merge (1 - momentum) of every adapter into its base weight and start the next stage.
 
@@ -174,6 +200,8 @@ def unload(
     (A is re-drawn from it) and unused otherwise. ``compensation``, when given, holds the Kahan
     buffers of the bf16/fp16 base weights by layer name; missing ones are created (zero).
     ``keep_factors`` puts the merged factors (c * B, A), c = (1 - m) * scaling, in the report.
+    ``weights`` says how to reach the weights (`LocalWeights`, or ZeRO's); every rank calls this
+    under ZeRO, and visits the layers in module order, so all draw the same A.
     """
     if not 0.0 <= momentum < 1.0:
         raise ValueError(f"momentum must be in [0, 1), got {momentum}")
@@ -185,25 +213,34 @@ def unload(
     layers = list(lora_layers(model, adapter_name))
     if not layers:
         raise ValueError(f"the model has no LoRA layers for adapter {adapter_name!r}")
-    _check_finite(layers, adapter_name)
+    factors = {
+        name: (weights.read(layer.lora_A[adapter_name].weight), weights.read(layer.lora_B[adapter_name].weight))
+        for name, layer in layers
+    }
+    # Checked before any write, so a bad adapter leaves every base weight intact.
+    for name, pair in factors.items():
+        for factor, value in zip(("lora_A", "lora_B"), pair):
+            if not torch.isfinite(value).all():
+                raise NonFiniteAdapterError(f"{name}.{factor} holds NaN or Inf; refusing to merge it")
 
     report = UnloadReport(momentum=momentum, mode=mode, factors={} if keep_factors else None)
     with torch.no_grad():
         for name, layer in layers:
-            base = layer.get_base_layer().weight
-            a, b = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
+            a, b = factors[name]
             coefficient = (1.0 - momentum) * layer.scaling[adapter_name]
-            merged = scaled_update(a, b, coefficient, getattr(layer, "fan_in_fan_out", False)).to(base.device)
-            comp = None
-            if compensation is not None and needs_compensation(base):
-                comp = compensation.setdefault(name, torch.zeros_like(base))
-            compensated_add_(base, merged, comp)
+            merged = scaled_update(a, b, coefficient, getattr(layer, "fan_in_fan_out", False))
+            base = layer.get_base_layer().weight
+            with weights.whole(base):
+                comp = None
+                if compensation is not None and needs_compensation(base) and weights.keeps_compensation(base):
+                    comp = compensation.setdefault(name, torch.zeros_like(base))
+                compensated_add_(base, merged.to(base.device), comp)
             report.update_norms[name] = merged.norm().item()
             if keep_factors:
-                report.factors[name] = (b.detach().float().cpu() * coefficient, a.detach().float().cpu().clone())
+                report.factors[name] = (b.float().cpu() * coefficient, a.float().cpu().clone())
             new_a, new_b = next_factors(a, b, momentum, mode, generator, init)
-            a.copy_(new_a)
-            b.copy_(new_b)
+            weights.write(layer.lora_A[adapter_name].weight, new_a)
+            weights.write(layer.lora_B[adapter_name].weight, new_b)
     return report
 
 
@@ -241,10 +278,6 @@ def zero_state_(state: dict) -> None:
             value.zero_()
         elif isinstance(value, (int, float)):
             state[key] = type(value)(0)
-
-
-def reset_adapter_state(optimizer, model: torch.nn.Module, adapter_name: str = "default") -> int:
-    return reset_optimizer_state(optimizer, adapter_parameters(model, adapter_name))
 
 
 def periodic_lr_lambda(lr_lambda: Callable[[int], float], period: int) -> Callable[[int], float]:
@@ -286,19 +319,6 @@ def steps_per_stage(
     return max(1, round(unload_every_samples / global_batch_size))
 
 
-@dataclass(frozen=True)
-class StageOps:
-    """What the end of a stage does to the weights and the optimizer.
-
-    The defaults act on modules one process holds whole; `distributed.ZERO_OPS` puts DeepSpeed
-    ZeRO's gather-and-write around the same maths. `next_stage` is the same for both.
-    """
-
-    unload: Callable[..., UnloadReport] = unload
-    reinit: Callable[..., None] = reinit_adapters
-    reset: Callable[..., int] = reset_adapter_state
-
-
 def next_stage(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer | None,
@@ -310,7 +330,7 @@ def next_stage(
     adapter_name: str = "default",
     compensation: dict[str, torch.Tensor] | None = None,
     keep_factors: bool = False,
-    ops: StageOps = StageOps(),
+    weights: LocalWeights = LOCAL,
 ) -> UnloadReport:
     """End stage ``stage``: unload the adapters and reset their optimizer state.
 
@@ -321,10 +341,10 @@ def next_stage(
     """
     generator = stage_generator(seed, stage + 1)
     try:
-        report = ops.unload(model, momentum, mode, generator, init, adapter_name, compensation, keep_factors)
+        report = unload(model, momentum, mode, generator, init, adapter_name, compensation, keep_factors, weights)
     except NonFiniteAdapterError:
-        ops.reinit(model, generator, init, adapter_name)
+        reinit_adapters(model, generator, init, adapter_name, weights)
         report = UnloadReport(momentum=momentum, mode=mode, skipped=True)
     if optimizer is not None:
-        ops.reset(optimizer, model, adapter_name)
+        weights.reset_optimizer(optimizer, model, adapter_name)
     return report

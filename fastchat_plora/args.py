@@ -71,6 +71,11 @@ class LoraArguments:
     lora_r: int = field(default=8, metadata={"help": "LoRA rank r (the paper: 1 and 8)."})
     lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha; the update is scaled by alpha / r."})
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
+    lora_dropout_recompute: bool = field(
+        default=True,
+        metadata={"help": "Redraw the LoRA dropout mask in backward instead of keeping a dropped-out copy of each "
+                  "adapted layer's input (same results, much less activation memory)."},
+    )  # fmt: skip
     lora_target_modules: str = field(
         default=ALL_LINEAR, metadata={"help": "Comma-separated module names to adapt (default: all seven linear)."}
     )

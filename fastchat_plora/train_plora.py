@@ -41,6 +41,7 @@ from fastchat_plora.distributed import (
     zero_next_stage,
 )
 from fastchat_plora.export import trim_stages
+from fastchat_plora.lora_dropout import recompute_lora_dropout
 from fastchat_plora.models import DTYPES, load_model, load_tokenizer, resolve_model_path, save_model
 from fastchat_plora.plora import next_stage, reinit_adapters, stage_generator, steps_per_stage
 from fastchat_plora.tracking import WandbPLoRACallback, finish_wandb, prepare_wandb
@@ -65,6 +66,8 @@ def add_adapters(model: PreTrainedModel, lora_args, seed: int) -> torch.nn.Modul
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, config)
+    if lora_args.lora_dropout_recompute:
+        recompute_lora_dropout(model)
     # Draw the first adapter from the stage generator too, so every rank and every rerun agree.
     reinit_adapters(model, stage_generator(seed, 0), lora_args.lora_init)
     return model

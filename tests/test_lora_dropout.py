@@ -1,0 +1,90 @@
+"""The recomputed LoRA dropout gives PEFT's losses and gradients exactly, and keeps no dropped-out copy."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from peft import LoraConfig, get_peft_model
+
+from fastchat_plora.args import ALL_LINEAR
+from fastchat_plora.lora_dropout import RecomputedDropoutLinear, recompute_lora_dropout
+from tests.conftest import tiny_llama
+
+
+def lora_with_dropout(p: float):
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=p, target_modules=ALL_LINEAR.split(","))
+    model = get_peft_model(tiny_llama(seed=0), config)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:  # B = 0 would hide a wrong mask from the gradients of A
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
+    return model
+
+
+def loss_and_grads(model, seed: int = 0):
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(7))
+    model.train()
+    model.zero_grad()
+    torch.manual_seed(seed)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_same_loss_and_gradients_as_peft_dropout():
+    peft_model = lora_with_dropout(0.3)
+    ours = copy.deepcopy(peft_model)
+    assert recompute_lora_dropout(ours) == 14  # 2 layers x 7 linear
+    ref_loss, ref_grads = loss_and_grads(peft_model)
+    loss, grads = loss_and_grads(ours)
+    assert loss == ref_loss
+    assert grads.keys() == ref_grads.keys()
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=0, atol=0, msg=name)
+    # and the dropout did something: another mask gives another loss
+    other_loss, _ = loss_and_grads(ours, seed=1)
+    assert other_loss != loss
+
+
+def test_state_dict_keys_and_parameters_are_peft_s():
+    model = lora_with_dropout(0.1)
+    keys = set(model.state_dict())
+    a_before = {n: p for n, p in model.named_parameters() if "lora_A" in n}
+    recompute_lora_dropout(model)
+    assert set(model.state_dict()) == keys
+    a_after = {n: p for n, p in model.named_parameters() if "lora_A" in n}
+    assert all(a_after[n] is a_before[n] for n in a_before)  # an optimizer built before would still see them
+
+
+def test_no_dropout_is_left_alone_and_eval_is_deterministic():
+    model = lora_with_dropout(0.0)
+    assert recompute_lora_dropout(model) == 0
+    model = lora_with_dropout(0.5)
+    recompute_lora_dropout(model)
+    model.eval()
+    ids = torch.arange(16).unsqueeze(0)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_keeps_no_dropped_out_copy():
+    """PEFT's dropout saves a dropped-out copy of the input per adapted layer for backward; ours saves none."""
+    p = 0.05
+    x = torch.randn(8, 64, requires_grad=True)
+    linear = torch.nn.Linear(64, 4, bias=False)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    def run(layer, dropout):
+        saved.clear()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            layer(dropout(x * 1.0)).sum().backward()
+        return [t for t in saved if t.shape == x.shape and t.dtype == x.dtype and not t.equal(x)]
+
+    assert run(linear, torch.nn.Dropout(p))  # PEFT's: the dropped-out copy
+    assert not run(RecomputedDropoutLinear(linear, p), torch.nn.Identity())

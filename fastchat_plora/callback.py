@@ -29,6 +29,7 @@ from fastchat_plora.checkpoint import (
 from fastchat_plora.data import IGNORE_INDEX
 from fastchat_plora.distributed import is_partitioned
 from fastchat_plora.export import save_stage
+from fastchat_plora.head_loss import linear_cross_entropy
 from fastchat_plora.plora import UnloadReport, next_stage, periodic_lr_lambda
 
 logger = logging.getLogger(__name__)
@@ -237,12 +238,15 @@ class PLoRATrainer(Trainer):
         padding) have no label. Running the head on labeled positions alone gives the same loss
         and gradients as the full logits, with less work and memory.
 
-        A single process runs the decoder and then the head on exactly the labeled positions. A
+        A single process runs the decoder and then the head on exactly the labeled positions, in
+        chunks that never hold all their logits at once (`head_loss.linear_cross_entropy`). A
         wrapped model (DDP, DeepSpeed) must be called through its wrapper, which is what
         synchronises the gradients, so there the head runs on every position (column) that some
         row of the batch labels, through the model's own `logits_to_keep`.
         """
         if not self.labeled_logits_only or return_outputs or "labels" not in inputs:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if self.args.use_liger_kernel:  # liger's fused head + loss inside the model's forward does better
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         labels = inputs["labels"]
         features = {k: v for k, v in inputs.items() if k != "labels"}
@@ -251,12 +255,16 @@ class PLoRATrainer(Trainer):
         unwrapped = self.accelerator.unwrap_model(model)
         if model is unwrapped:
             causal_lm = unwrapped.get_base_model() if isinstance(unwrapped, PeftModel) else unwrapped
-            hidden = causal_lm.get_decoder()(**features).last_hidden_state
-            logits = causal_lm.get_output_embeddings()(hidden[:, :-1][keep])
+            hidden = causal_lm.get_decoder()(**features).last_hidden_state[:, :-1][keep]
+            head = causal_lm.get_output_embeddings()
+            if type(head) is torch.nn.Linear and head.bias is None:  # not adapted: the chunked head + loss
+                loss = linear_cross_entropy(hidden, head.weight, targets[keep])
+            else:
+                loss = torch.nn.functional.cross_entropy(head(hidden).float(), targets[keep], reduction="sum")
         else:
             columns = keep.any(dim=0).nonzero().squeeze(1)
             logits = model(**features, logits_to_keep=columns).logits[keep[:, columns]]
-        loss = torch.nn.functional.cross_entropy(logits.float(), targets[keep], reduction="sum")
+            loss = torch.nn.functional.cross_entropy(logits.float(), targets[keep], reduction="sum")
         if num_items_in_batch is None:  # the Trainer then divides by the accumulation steps itself
             return loss / keep.sum()
         loss = loss / num_items_in_batch  # the count over all accumulated micro-batches (and devices)

@@ -10,9 +10,11 @@ against 2.6 GB without dropout, more than full fine-tuning's gradients and Adam 
 dropout + A under non-reentrant activation checkpointing: only ``x``, which the three projections
 share, and the RNG state are kept; backward redraws the same mask and recomputes A's rank-r
 output, a matmul r / out_features the size of the base layer's. PEFT's dropout becomes Identity.
-Forward draws the mask through ``F.dropout`` from the same generator as ``nn.Dropout``, so losses
-and gradients equal PEFT's to the bit (tests/test_lora_dropout.py). Written here because neither
-PEFT nor the fused-kernel packages offer a memory-light LoRA dropout.
+On GPUs the mask comes from ``F.dropout``, as in ``nn.Dropout``. On the CPU it comes from
+`cpu_dropout`: PyTorch's CPU dropout draws each element's Bernoulli one at a time from the
+Mersenne Twister (about 5 ns an element, a quarter of a LoRA step on the embedded model with the
+recompute); drawing 16 random bits per element in bulk is 3.5x faster. Written here because
+neither PEFT nor the fused-kernel packages offer a memory-light LoRA dropout.
 """
 
 from __future__ import annotations
@@ -22,6 +24,19 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from fastchat_plora.plora import lora_layers
+
+
+def cpu_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Inverted dropout from 16 random bits per element (15 used), drawn four to an int64.
+
+    The drop probability is p rounded to a multiple of 2^-15 (0.05 -> 0.049988) and the kept values
+    are scaled by the inverse of the exact keep probability, so the expectation is x. Deterministic
+    under the global CPU generator, which activation checkpointing saves and restores.
+    """
+    cut = round(p * 2**15)
+    words = torch.empty((x.numel() + 3) // 4, dtype=torch.int64).random_()  # uniform on [0, 2^63)
+    bits = words.view(torch.int16)[: x.numel()].view(x.shape).bitwise_and_(2**15 - 1)
+    return x * (bits >= cut) * (2**15 / (2**15 - cut))
 
 
 class RecomputedDropoutLinear(torch.nn.Linear):
@@ -34,7 +49,8 @@ class RecomputedDropoutLinear(torch.nn.Linear):
         self.p = p
 
     def _dropped(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.dropout(x, self.p, training=True), self.weight, self.bias)
+        dropped = cpu_dropout(x, self.p) if x.device.type == "cpu" else F.dropout(x, self.p, training=True)
+        return F.linear(dropped, self.weight, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and self.p > 0):

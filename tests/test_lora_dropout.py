@@ -1,14 +1,16 @@
-"""The recomputed LoRA dropout gives PEFT's losses and gradients exactly, and keeps no dropped-out copy."""
+"""The recomputed LoRA dropout: backward redraws forward's mask exactly, and no dropped-out copy is kept."""
 
 from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
 from fastchat_plora.args import ALL_LINEAR
-from fastchat_plora.lora_dropout import RecomputedDropoutLinear, recompute_lora_dropout
+from fastchat_plora.lora_dropout import RecomputedDropoutLinear, cpu_dropout, recompute_lora_dropout
+from fastchat_plora.plora import lora_layers
 from tests.conftest import tiny_llama
 
 
@@ -33,19 +35,44 @@ def loss_and_grads(model, seed: int = 0):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def test_same_loss_and_gradients_as_peft_dropout():
-    peft_model = lora_with_dropout(0.3)
-    ours = copy.deepcopy(peft_model)
+class PlainCpuDropout(torch.nn.Module):
+    """The same mask as ours, kept the way PEFT keeps it (no recompute): the reference."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        return cpu_dropout(x, self.p) if self.training else x
+
+
+def test_same_loss_and_gradients_as_dropout_kept_in_memory():
+    reference = lora_with_dropout(0.3)
+    ours = copy.deepcopy(reference)
     assert recompute_lora_dropout(ours) == 14  # 2 layers x 7 linear
-    ref_loss, ref_grads = loss_and_grads(peft_model)
+    for _, layer in lora_layers(reference):
+        layer.lora_dropout["default"] = PlainCpuDropout(0.3)
+    ref_loss, ref_grads = loss_and_grads(reference)
     loss, grads = loss_and_grads(ours)
     assert loss == ref_loss
     assert grads.keys() == ref_grads.keys()
-    for name in ref_grads:
+    for name in ref_grads:  # a mask redrawn differently in backward would change A's gradient
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=0, atol=0, msg=name)
     # and the dropout did something: another mask gives another loss
     other_loss, _ = loss_and_grads(ours, seed=1)
     assert other_loss != loss
+
+
+@pytest.mark.parametrize("p", [0.05, 0.5])
+def test_cpu_dropout_drops_p_and_keeps_the_mean(p):
+    x = torch.ones(1000, 1000)
+    torch.manual_seed(0)
+    out = cpu_dropout(x, p)
+    assert abs((out == 0).float().mean().item() - p) < 2e-3
+    assert abs(out.mean().item() - 1.0) < 5e-3
+    assert torch.unique(out).tolist() == [0.0, pytest.approx(1 / (1 - p), rel=1e-3)]
+    torch.manual_seed(0)
+    assert torch.equal(cpu_dropout(x, p), out)
 
 
 def test_state_dict_keys_and_parameters_are_peft_s():

@@ -2,12 +2,13 @@
 
     python -m fastchat_plora.bench --data_path data/mix/mix.jsonl [--steps 16 --repeats 2]
     python -m fastchat_plora.bench --random_tokens 512 [--modes lora,full]
+    python -m fastchat_plora.bench --data_path data/mix/mix.jsonl --allocator mimalloc
 
 Each run is a separate process (so peak memory is that run's own), launched by this script in
 rotating order (baseline, lora, plora, full, baseline, ...) so machine noise hits all alike. It
 prints real (non-padding) tokens/s and peak resident memory per mode, the ratios the targets are
 stated in, and the cost of one unload (timed in-process on the trained model) as a share of a
-200-step stage.
+200-step stage. ``--allocator mimalloc`` starts every run on mimalloc (see allocator.py).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import tempfile
 import time
 
 from transformers import TrainerCallback
+
+from fastchat_plora.allocator import preload_env
 
 PAPER_STAGE_STEPS = 200
 MODES = ("baseline", "lora", "plora", "full")
@@ -102,11 +105,21 @@ def run_one(mode: str, args: argparse.Namespace) -> dict:
                 unload_seconds.append(time.perf_counter() - start)
     return {
         "mode": mode,
+        "allocator": loaded_allocator(),
         "tokens_per_s": (n1 - n0) / (t1 - t0),
         "step_seconds": step_seconds,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "unload_seconds": statistics.median(unload_seconds) if unload_seconds else None,
     }
+
+
+def loaded_allocator() -> str:
+    """Which malloc this process runs on, read from its memory map (Linux)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            return "mimalloc" if "libmimalloc" in maps.read() else "system"
+    except OSError:
+        return "system"
 
 
 def bench_dataset(args: argparse.Namespace, tokenizer):
@@ -141,6 +154,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--unload_repeats", type=int, default=5, help="unloads timed after training")
     parser.add_argument("--repeats", type=int, default=2, help="runs per mode, alternating")
     parser.add_argument("--modes", default="baseline,lora,plora,full", help="which runs, in this order")
+    parser.add_argument("--allocator", choices=("system", "mimalloc"), default="system",
+                        help="malloc for every run: the system's (glibc) or mimalloc (allocator.py)")  # fmt: skip
     parser.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -155,11 +170,16 @@ def main(argv: list[str] | None = None) -> None:
         return
     argv = sys.argv[1:] if argv is None else argv
     modes = [m for m in args.modes.split(",") if m]
+    try:
+        env = preload_env(args.allocator)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     runs = []
     for i in range(args.repeats):
         for mode in modes:
             cmd = [sys.executable, "-m", "fastchat_plora.bench", *argv, "--worker", mode]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
             runs.append(json.loads(out.strip().splitlines()[-1]))
             print(f"run {i + 1}/{args.repeats} {mode}: {runs[-1]['tokens_per_s']:.1f} tokens/s, "
                   f"peak {runs[-1]['peak_rss_mib']:.0f} MiB", flush=True)  # fmt: skip
@@ -168,8 +188,9 @@ def main(argv: list[str] | None = None) -> None:
             "peak_rss_mib")} for m in modes
     }  # fmt: skip
     data = f"random tokens x {args.random_tokens}" if args.random_tokens else "real conversations"
-    print(f"\nembedded model, {data}, LoRA r{args.lora_r} on all 7 linear layers, batch "
-          f"{args.batch_size}, {args.steps} steps, median of {args.repeats} runs each:")  # fmt: skip
+    allocators = ",".join(sorted({r["allocator"] for r in runs}))
+    print(f"\nembedded model, {data}, LoRA r{args.lora_r} on all 7 linear layers, batch {args.batch_size}, "
+          f"{args.steps} steps, malloc {allocators}, median of {args.repeats} runs each:")  # fmt: skip
     for m in modes:
         print(f"  {m:8s}: {med[m]['tokens_per_s']:8.1f} real tokens/s, peak RSS {med[m]['peak_rss_mib']:7.0f} MiB, "
               f"{med[m]['step_seconds']:.2f} s/step")  # fmt: skip

@@ -21,3 +21,10 @@ if [ ! -f "$STAMP" ] || [ "$REPO/pyproject.toml" -nt "$STAMP" ]; then
     touch "$STAMP"
 fi
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+# PLORA_ALLOCATOR=mimalloc: what runs after this starts on mimalloc, which holds far less CPU memory
+# than glibc's malloc under training (fastchat_plora/allocator.py); default: the system's malloc.
+case "${PLORA_ALLOCATOR:-system}" in
+    system) ;;
+    mimalloc) eval "$("$PY" -m fastchat_plora.allocator --exports)" ;;
+    *) echo "error: PLORA_ALLOCATOR=$PLORA_ALLOCATOR: expected system or mimalloc" >&2; exit 2 ;;
+esac

@@ -91,3 +91,18 @@ def test_reproduce_skips_finished_runs_and_names_unknown_experiments(tmp_path):
     assert not any(f"--output_dir {done} " in c for c in commands(proc))
     proc = dry_run("reproduce.sh", "table9")
     assert proc.returncode == 2 and "table9" in proc.stderr
+
+
+@pytest.mark.skipif(not (REPO / ".venv/bin/python").exists(), reason="env.sh sets up .venv; tests/run.sh makes it")
+@pytest.mark.parametrize("allocator, expected", [("mimalloc", "libmimalloc"), ("system", ""), ("tcmalloc", None)])
+def test_env_sh_starts_later_commands_on_the_chosen_allocator(allocator, expected):
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    script = 'source launch/env.sh && echo "preload=${LD_PRELOAD:-}"'
+    proc = subprocess.run(["bash", "-c", script], cwd=REPO, env={**env, "PLORA_ALLOCATOR": allocator},
+                          capture_output=True, text=True)  # fmt: skip
+    if expected is None:
+        assert proc.returncode == 2 and "PLORA_ALLOCATOR=tcmalloc" in proc.stderr
+        return
+    assert proc.returncode == 0, proc.stderr
+    [line] = [x for x in proc.stdout.splitlines() if x.startswith("preload=")]
+    assert (expected in line) if expected else line == "preload="

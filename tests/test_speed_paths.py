@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import DataCollatorForSeq2Seq
 
+from fastchat_plora.allocator import mimalloc_library
 from fastchat_plora.args import TrainingArguments
 from fastchat_plora.callback import PLoRATrainer
 from fastchat_plora.data import ChatRenderer, build_examples
@@ -81,6 +82,34 @@ def test_bench_runs_on_random_tokens_and_prints_the_ratios(tiny_model_dir):
     assert "random tokens x 24" in proc.stdout
     for line in ("lora/baseline tokens_per_s", "plora/lora peak_rss_mib", "lora/full peak_rss_mib", "one unload"):
         assert line in proc.stdout
+
+
+def test_liger_kernel_leaves_the_loss_to_the_model(tokenizer, examples, tmp_path):
+    """Under --use_liger_kernel the model's own forward gets the labels (liger's fused head + loss runs there)."""
+    model = tiny_llama()
+    examples = [{k: [t % 256 if t != -100 else t for t in v] for k, v in e.items()} for e in examples]
+    batch = dict(DataCollatorForSeq2Seq(tokenizer, padding=True)(examples))
+    trainer = PLoRATrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True))
+    seen = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(set(kwargs)), with_kwargs=True)
+    trainer.compute_loss(model, dict(batch))
+    assert seen == []  # ours: the decoder and the chunked head, not the model's forward
+    trainer.args.use_liger_kernel = True  # set after construction: liger itself needs a GPU (Triton)
+    loss = trainer.compute_loss(model, dict(batch))
+    assert "labels" in seen[0]
+    torch.testing.assert_close(loss, model(**batch).loss)
+
+
+@pytest.mark.skipif(mimalloc_library() is None, reason="cmeel-mimalloc is not installed")
+def test_bench_runs_every_mode_on_mimalloc_when_asked(tiny_model_dir):
+    command = [sys.executable, "-m", "fastchat_plora.bench", "--model_name_or_path", str(tiny_model_dir),
+               "--random_tokens", "16", "--steps", "2", "--batch_size", "2", "--repeats", "1", "--modes", "lora",
+               "--allocator", "mimalloc"]  # fmt: skip
+    proc = subprocess.run(
+        command, capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "malloc mimalloc," in proc.stdout  # read from the run's own memory map
 
 
 def test_bench_needs_exactly_one_data_source():

@@ -11,6 +11,7 @@ user would on this CPU: `DS_ACCELERATOR=cpu deepspeed --num_gpus 2 --module fast
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -115,6 +116,17 @@ def test_zero3_resumes_exactly_from_its_checkpoint(setup):
     extra = ["--deepspeed", str(zero3), "--resume_from_checkpoint", "latest"]
     launch("deepspeed", 29615, flags(base, data, resumed, 1, *extra), tmp / "resumed.log")
     assert relative_update_difference(resumed, whole, base) < 1e-6
+
+
+def test_zero3_trains_with_the_recomputed_lora_dropout(setup):
+    """The dropout recompute in backward meets ZeRO-3's partitioned lora_A weights: they must be gathered."""
+    base, data, _, tmp = setup
+    out = tmp / "zero3-dropout"
+    extra = ["--deepspeed", str(REPO / "configs" / "ds" / "zero3.json"), "--lora_dropout", "0.1"]
+    launch("deepspeed", 29616, flags(base, data, out, 1, *extra), tmp / "zero3-dropout.log")
+    summary = json.loads((out / "summary.json").read_text())
+    assert all(math.isfinite(loss) for loss in summary["loss_by_stage"].values())
+    assert summary["rank_probe"]["numerical_rank"] == 3 * 2
 
 
 @pytest.mark.parametrize(

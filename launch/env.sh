@@ -25,6 +25,6 @@ export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 # than glibc's malloc under training (fastchat_plora/allocator.py); default: the system's malloc.
 case "${PLORA_ALLOCATOR:-system}" in
     system) ;;
-    mimalloc) eval "$("$PY" -m fastchat_plora.allocator --exports)" ;;
+    mimalloc) exports="$("$PY" -m fastchat_plora.allocator --exports)"; eval "$exports" ;;  # fails loudly
     *) echo "error: PLORA_ALLOCATOR=$PLORA_ALLOCATOR: expected system or mimalloc" >&2; exit 2 ;;
 esac

@@ -31,9 +31,10 @@ def tiny_llama(vocab_size: int = 256, seed: int = 0) -> LlamaForCausalLM:
     return LlamaForCausalLM(config).eval()
 
 
-def tiny_lora(r: int = 4, targets=ALL_LINEAR, seed: int = 0, randomize_b: bool = True):
+def tiny_lora(r: int = 4, targets=ALL_LINEAR, seed: int = 0, randomize_b: bool = True, dropout: float = 0.0):
     """A tiny LLaMA with LoRA adapters; B drawn at random so the adapter is not a no-op."""
-    model = get_peft_model(tiny_llama(seed=seed), LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets)))
+    config = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules=list(targets))
+    model = get_peft_model(tiny_llama(seed=seed), config)
     if randomize_b:
         gen = torch.Generator().manual_seed(seed + 1)
         with torch.no_grad():

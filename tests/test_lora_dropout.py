@@ -6,23 +6,10 @@ import copy
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
 
-from fastchat_plora.args import ALL_LINEAR
 from fastchat_plora.lora_dropout import RecomputedDropoutLinear, cpu_dropout, recompute_lora_dropout
 from fastchat_plora.plora import lora_layers
-from tests.conftest import tiny_llama
-
-
-def lora_with_dropout(p: float):
-    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=p, target_modules=ALL_LINEAR.split(","))
-    model = get_peft_model(tiny_llama(seed=0), config)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:  # B = 0 would hide a wrong mask from the gradients of A
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
-    return model
+from tests.conftest import tiny_lora
 
 
 def loss_and_grads(model, seed: int = 0):
@@ -47,7 +34,7 @@ class PlainCpuDropout(torch.nn.Module):
 
 
 def test_same_loss_and_gradients_as_dropout_kept_in_memory():
-    reference = lora_with_dropout(0.3)
+    reference = tiny_lora(dropout=0.3)  # B drawn at random: B = 0 would hide a wrong mask from A's gradients
     ours = copy.deepcopy(reference)
     assert recompute_lora_dropout(ours) == 14  # 2 layers x 7 linear
     for _, layer in lora_layers(reference):
@@ -76,7 +63,7 @@ def test_cpu_dropout_drops_p_and_keeps_the_mean(p):
 
 
 def test_state_dict_keys_and_parameters_are_peft_s():
-    model = lora_with_dropout(0.1)
+    model = tiny_lora(dropout=0.1)
     keys = set(model.state_dict())
     a_before = {n: p for n, p in model.named_parameters() if "lora_A" in n}
     recompute_lora_dropout(model)
@@ -86,9 +73,9 @@ def test_state_dict_keys_and_parameters_are_peft_s():
 
 
 def test_no_dropout_is_left_alone_and_eval_is_deterministic():
-    model = lora_with_dropout(0.0)
+    model = tiny_lora(dropout=0.0)
     assert recompute_lora_dropout(model) == 0
-    model = lora_with_dropout(0.5)
+    model = tiny_lora(dropout=0.5)
     recompute_lora_dropout(model)
     model.eval()
     ids = torch.arange(16).unsqueeze(0)

@@ -1,6 +1,7 @@
 """Load what training wrote as a plain causal LM: a model directory or a LoRA/PLoRA checkpoint-N.
 
-The checkpoint format is a file contract with training (no training code is imported):
+The checkpoint format is a file contract with training, docs/run_directory.md (no training code
+is imported):
 `adapter_config.json` (PEFT) names the base model, `plora_state.safetensors` holds for every
 adapted layer its merged base weight (`base::<name>`) and live adapter (`lora_A::`, `lora_B::`).
 The model the run was training at that step is base + scaling * B @ A on those weights.

@@ -34,7 +34,7 @@ from eval.tasks.utils import extract_flexible, extract_strict, gsm8k_gold
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 DEFAULT_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 TASKS = ("gsm8k", "mmlu", "arc_easy", "arc_challenge")
-WANDB_RUN_FILE = "wandb_run.json"  # written by training when it logged to W&B (fastchat_plora/tracking.py)
+WANDB_RUN_FILE = "wandb_run.json"  # the run directory contract: docs/run_directory.md
 LOSS_TASK = "gsm8k_loss"  # the GSM8K held-out loss alone, without generation (cheap on a CPU)
 MMLU_CATEGORIES = {"humanities": "Humanities", "stem": "STEM", "social_sciences": "Social Sciences", "other": "Other"}
 logger = logging.getLogger("eval")

@@ -16,9 +16,8 @@ from pathlib import Path
 
 from eval import run_eval
 
-# The same rule as fastchat_plora/checkpoint.py's latest_checkpoint (checkpoint-N holding
-# trainer_state.json, which the Trainer writes last); restated because eval/ reads training's
-# files, never its code.
+# The run directory contract (docs/run_directory.md): checkpoint-N is complete once it holds
+# trainer_state.json, which the Trainer writes last. eval/ reads training's files, never its code.
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 

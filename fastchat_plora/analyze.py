@@ -15,43 +15,21 @@ import argparse
 import json
 import re
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
+from fastchat_plora.models import resolve_model_path
+from fastchat_plora.plora import update_rank
+from fastchat_plora.rundir import RunDir, RunDirError
+
 LINEAR_TYPES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 class AnalysisError(ValueError):
     """Models that cannot be compared; the message names what is wrong."""
-
-
-@dataclass
-class RankReport:
-    numerical_rank: int
-    tolerance: float
-    top_singular_values: list[float]
-
-
-def update_rank(w_final: torch.Tensor, w_initial: torch.Tensor, storage_dtype: torch.dtype, top: int = 5) -> RankReport:
-    """Numerical rank of W_T - W_0, computed in fp64.
-
-    A singular value counts when it exceeds (sqrt(m) + sqrt(n)) * eps(storage dtype) * rms(W_T).
-    Rounding W_T to its storage dtype once adds an error of at most half a rounding step per
-    entry (std <= eps * |w| / sqrt(12)), and a random m x n matrix of such entries has spectral
-    norm about std * (sqrt(m) + sqrt(n)): the tolerance sits ~3.5x above that noise floor. So a
-    single rounding is not counted as rank, while every real stage's contribution is; rounding
-    noise accumulated over many plain bf16 merges rises above it and shows up as extra rank.
-    """
-    delta = w_final.double() - w_initial.double()
-    sigma = torch.linalg.svdvals(delta)
-    m, n = delta.shape
-    rms = w_final.double().pow(2).mean().sqrt().item()
-    tol = (m**0.5 + n**0.5) * torch.finfo(storage_dtype).eps * rms
-    return RankReport(int((sigma > tol).sum()), tol, sigma[:top].tolist())
 
 
 def effective_rank(sigma: torch.Tensor) -> float:
@@ -189,13 +167,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def base_of_run(model_path: Path) -> str:
-    """The base model a run started from, from its run_args.json (None there: the embedded model)."""
-    args_file = model_path / "run_args.json"
-    if not args_file.is_file():
-        raise AnalysisError(f"{model_path} has no run_args.json; pass --base_model")
-    from fastchat_plora.models import resolve_model_path
-
-    return resolve_model_path(json.loads(args_file.read_text()).get("model_name_or_path"))
+    """The base model a run started from, as its run_args.json records it."""
+    try:
+        return resolve_model_path(RunDir(model_path).base_model())
+    except RunDirError as e:
+        raise AnalysisError(f"{e}; pass --base_model") from None
 
 
 if __name__ == "__main__":

@@ -1,14 +1,18 @@
-"""Command-line and YAML arguments: the dataclasses, the parser, and every check made before work starts.
+"""Command-line and YAML arguments: the dataclasses, the parser, and the value checks.
 
-A config file's keys are exactly the flag names; flags given on the command line override it.
+A config file's keys are exactly the flag names; flags given on the command line override it. Its
+values reach the dataclasses as YAML typed them (as HF's `parse_yaml_file` passes them), so a
+mapping such as `lr_scheduler_kwargs: {min_lr: 1.0e-6}` works; a value of the wrong simple type is
+an error naming the key. This module describes and checks values only: finding checkpoints is
+`rundir.py`'s, and DeepSpeed's files are `distributed.py`'s.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,11 +20,9 @@ import yaml
 from transformers import HfArgumentParser
 from transformers import TrainingArguments as HfTrainingArguments
 
-from fastchat_plora.checkpoint import is_complete, latest_checkpoint
 from fastchat_plora.data import check_conv_template
-from fastchat_plora.distributed import check_supported
 from fastchat_plora.models import ATTENTION, DTYPES, flash_attention_available
-from fastchat_plora.plora import INIT_METHODS, MOMENTUM_MODES
+from fastchat_plora.plora import DEFAULT_INIT, INIT_METHODS, MOMENTUM_MODES
 
 ALL_LINEAR = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # the paper's seven layers
 FINETUNE_MODES = ("full", "lora", "plora")
@@ -80,8 +82,12 @@ class LoraArguments:
         default=ALL_LINEAR, metadata={"help": "Comma-separated module names to adapt (default: all seven linear)."}
     )
     lora_init: str = field(
-        default="gaussian", metadata={"help": f"How A is drawn at each stage: {', '.join(INIT_METHODS)}."}
+        default=DEFAULT_INIT, metadata={"help": f"How A is drawn at each stage: {', '.join(INIT_METHODS)}."}
     )
+
+    @property
+    def targets(self) -> list[str]:
+        return [name.strip() for name in self.lora_target_modules.split(",") if name.strip()]
 
 
 @dataclass
@@ -158,8 +164,17 @@ class TrainingArguments(HfTrainingArguments):
 ARG_CLASSES = (ModelArguments, DataArguments, LoraArguments, PLoRAArguments, TrainingArguments)
 
 
+def arg_types() -> dict[str, object]:
+    """Flag name -> the type its dataclass field declares, resolved."""
+    types = {}
+    for cls in ARG_CLASSES:
+        hints = typing.get_type_hints(cls)
+        types.update({f.name: hints.get(f.name, object) for f in dataclasses.fields(cls) if f.init})
+    return types
+
+
 def field_names() -> set[str]:
-    return {f.name for cls in ARG_CLASSES for f in dataclasses.fields(cls) if f.init}
+    return set(arg_types())
 
 
 def load_config(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
@@ -184,42 +199,52 @@ def load_config(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
     merged = {}
     for included in [includes] if isinstance(includes, str) else includes:
         merged.update(load_config(path.parent / included, (*_seen, path.resolve())))
-    known = field_names()
-    for key in config:
-        if key not in known:
+    types = arg_types()
+    for key, value in config.items():
+        if key not in types:
             raise ConfigError(f"unknown config key {key!r} in {path}")
+        check_value_type(key, value, types[key], path)
     if isinstance(config.get("lora_target_modules"), list):
         config["lora_target_modules"] = ",".join(config["lora_target_modules"])
     merged.update(config)
     return merged
 
 
-def config_to_argv(config: dict) -> list[str]:
-    """Turn config entries into flags, so argparse type-checks them exactly like typed flags."""
-    argv = []
-    for key, value in config.items():
-        if value is None:
-            continue
-        values = value if isinstance(value, list) else [value]
-        argv += [f"--{key}", *(str(v) for v in values)]
-    return argv
+SIMPLE_TYPES = {int: (int,), float: (int, float), bool: (bool,)}
+
+
+def check_value_type(key: str, value: object, declared: object, path: Path) -> None:
+    """A YAML value of the wrong simple type (`lora_r: 8.5`, `max_steps: many`) is an error naming the key.
+
+    Strings are left to argparse, which converts them as it converts flags; mappings and lists go
+    to the dataclass as they are, as HF's own YAML parsing passes them.
+    """
+    if value is None or isinstance(value, (str, dict, list)):
+        return
+    options = [t for t in (typing.get_args(declared) or (declared,)) if t is not type(None)]
+    accepted = tuple(a for t in options for a in SIMPLE_TYPES.get(t, (object,)))
+    if isinstance(value, bool) and bool not in options and object not in accepted:
+        accepted = ()  # YAML's true/false is no number
+    if not isinstance(value, accepted):
+        expected = " or ".join(getattr(t, "__name__", str(t)) for t in options)
+        raise ConfigError(f"{key}={value!r} in {path}: expected {expected}")
 
 
 def parse_args(argv: list[str] | None = None) -> tuple:
     """Parse flags over an optional --config YAML; returns the five argument dataclasses.
 
-    The config's entries become flags placed before the command line's, and argparse keeps the
-    last value given, so flags override the file.
+    The config's entries become the parser's defaults, so flags given on the command line override
+    them, and they reach the dataclasses typed as YAML typed them.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None)
     known, rest = pre.parse_known_args(argv)
-    if known.config:
-        # the W&B run (and any other tracker) is named after the config unless told otherwise
-        rest = ["--run_name", Path(known.config).stem] + config_to_argv(load_config(known.config)) + rest
     parser = HfArgumentParser(ARG_CLASSES)
     parser.add_argument("--config", default=None, help="YAML file whose keys are these flag names.")
+    if known.config:
+        # the W&B run (and any other tracker) is named after the config unless told otherwise
+        parser.set_defaults(run_name=Path(known.config).stem, **load_config(known.config))
     return tuple(parser.parse_args_into_dataclasses(args=rest)[: len(ARG_CLASSES)])
 
 
@@ -235,7 +260,7 @@ def validate(model_args, data_args, lora_args, plora_args, training_args) -> Non
     if model_args.attn_implementation == "flash_attention_2" and not flash_attention_available():
         raise ConfigError(
             "attn_implementation=flash_attention_2 needs flash-attn on a CUDA GPU "
-            "(pip install 'fastchat-plora[gpu]'); use auto or sdpa"
+            "(pip install -e '.[gpu]' then pip install flash-attn --no-build-isolation); use auto or sdpa"
         )
     if data_args.data_path is None:
         raise ConfigError("data_path is required (a ShareGPT JSON/JSONL file; see data_prep/)")
@@ -250,7 +275,7 @@ def validate(model_args, data_args, lora_args, plora_args, training_args) -> Non
             raise ConfigError(f"lora_r={lora_args.lora_r}: must be a positive integer")
         if not 0.0 <= lora_args.lora_dropout < 1.0:
             raise ConfigError(f"lora_dropout={lora_args.lora_dropout}: must be in [0, 1)")
-        if not target_modules(lora_args):
+        if not lora_args.targets:
             raise ConfigError(f"lora_target_modules={lora_args.lora_target_modules!r}: names no module")
         if lora_args.lora_init not in INIT_METHODS:
             raise ConfigError(f"lora_init={lora_args.lora_init!r}: expected one of {INIT_METHODS}")
@@ -272,44 +297,8 @@ def validate(model_args, data_args, lora_args, plora_args, training_args) -> Non
         raise ConfigError(f"merge_compensation={plora_args.merge_compensation!r}: expected auto, on or off")
     if plora_args.max_bad_stages < 1:
         raise ConfigError(f"max_bad_stages={plora_args.max_bad_stages}: must be at least 1")
-    check_supported(training_args, mode)  # a distributed setup the unload cannot work under
-    check_output_dir(training_args)
-
-
-def target_modules(lora_args) -> list[str]:
-    return [name.strip() for name in lora_args.lora_target_modules.split(",") if name.strip()]
-
-
-def resolve_resume(training_args) -> Path | None:
-    """The checkpoint to resume from: a path, or `latest` for the newest complete one in output_dir."""
-    value = training_args.resume_from_checkpoint
-    if not value or str(value).lower() == "false":
-        return None
-    if str(value).lower() in ("latest", "true"):
-        found = latest_checkpoint(training_args.output_dir)
-        if found is None:
-            raise ConfigError(f"resume_from_checkpoint={value}: no complete checkpoint in {training_args.output_dir}")
-        return found
-    path = Path(value)
-    if not path.is_dir():
-        raise ConfigError(f"resume_from_checkpoint={value}: no such directory")
-    if not is_complete(path):
-        raise ConfigError(f"resume_from_checkpoint={value}: not a complete checkpoint (no trainer_state.json)")
-    return path
-
-
-def check_output_dir(training_args) -> None:
-    """Refuse to write into a directory that already holds a run, unless resuming or overwriting."""
-    out = training_args.output_dir
-    if out is None:
+    if training_args.output_dir is None:
         raise ConfigError("output_dir is required")
-    if os.path.isfile(out):
-        raise ConfigError(f"output_dir={out!r} is a file")
-    holds_run = os.path.isdir(out) and any(os.scandir(out))
-    if holds_run and not (training_args.overwrite_output_dir or training_args.resume_from_checkpoint):
-        raise ConfigError(
-            f"output_dir={out!r} already holds a run; pass --overwrite_output_dir or --resume_from_checkpoint"
-        )
 
 
 def check_configs(paths: list[str]) -> None:
@@ -318,6 +307,7 @@ def check_configs(paths: list[str]) -> None:
     Used by the launch scripts before they start a job. On a machine without a GPU the check adds
     --use_cpu, since TrainingArguments refuses a GPU config's bf16 there.
     """
+    import os
     import tempfile
 
     import torch

@@ -1,4 +1,4 @@
-"""What exact resume of a LoRA/PLoRA run needs beyond the HF checkpoint, and finding checkpoints.
+"""What exact resume of a LoRA/PLoRA run needs beyond the HF checkpoint.
 
 The HF Trainer's checkpoint of a PEFT model holds the live adapter, the optimizer, the scheduler,
 the RNG states and the step (from which the stage index and the data position follow). It does not
@@ -13,7 +13,6 @@ update would have to be re-derived by subtraction (rounding again) and needs W_0
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import torch
@@ -21,10 +20,7 @@ from safetensors.torch import load_file
 
 from fastchat_plora.distributed import gathered
 from fastchat_plora.plora import lora_layers
-
-STATE_FILE = "plora_state.safetensors"
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-COMPLETE_MARKERS = ("trainer_state.json",)  # written last by the HF Trainer
+from fastchat_plora.rundir import STATE_FILE
 
 
 def plora_state(model: torch.nn.Module, compensation: dict[str, torch.Tensor], adapter_name: str = "default") -> dict:
@@ -88,17 +84,3 @@ def load_plora_state(path: Path, model: torch.nn.Module, compensation: dict[str,
                 shapes = f"{tuple(value.shape)} there, {tuple(target.shape)} in this run"
                 raise ValueError(f"checkpoint {path}: {key} has shape {shapes}")
             target.copy_(value)
-
-
-def is_complete(path: Path) -> bool:
-    return all((path / marker).is_file() for marker in COMPLETE_MARKERS)
-
-
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The complete checkpoint-N with the largest N (half-written staging dirs never count)."""
-    found = []
-    for path in Path(output_dir).glob("checkpoint-*"):
-        match = CHECKPOINT_RE.match(path.name)
-        if match and path.is_dir() and is_complete(path):
-            found.append((int(match.group(1)), path))
-    return max(found)[1] if found else None

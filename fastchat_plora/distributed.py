@@ -21,13 +21,12 @@ mode every trainable parameter is an adapter factor (checked before training sta
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 from pathlib import Path
 
 import torch
 
-from fastchat_plora.plora import LocalWeights, lora_layers, next_stage, zero_state_
+from fastchat_plora.plora import LocalWeights, lora_layers, zero_state_
 
 UNSUPPORTED_OFFLOAD = ("offload_optimizer", "offload_param")
 
@@ -157,8 +156,14 @@ def innermost_optimizer(optimizer):
     return optimizer
 
 
-ZERO = ZeroWeights()
-zero_next_stage = functools.partial(next_stage, weights=ZERO)
+def uses_zero(training_args) -> bool:
+    return deepspeed_config(training_args) is not None
+
+
+def weights_for(training_args, compensation: dict[str, torch.Tensor] | None = None) -> LocalWeights:
+    """The unload's weight access for this run, chosen once: ZeRO's under DeepSpeed, else local."""
+    cls = ZeroWeights if uses_zero(training_args) else LocalWeights
+    return cls(compensation)
 
 
 def check_only_adapters_train(model: torch.nn.Module, adapter_name: str = "default") -> None:

@@ -25,61 +25,27 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig
-from safetensors import safe_open
 from safetensors.torch import save_file
 
-STAGES_DIR = "stages"
-PEFT_PREFIX = "base_model.model."  # PEFT's module names over the wrapped model's own
+from fastchat_plora.models import resolve_model_path
+from fastchat_plora.rundir import PEFT_PREFIX, RunDir, RunDirError
 
 
 class ExportError(ValueError):
     """A run that cannot be exported; the message names what is missing."""
 
 
-def stage_file(run_dir: Path, stage: int) -> Path:
-    return run_dir / STAGES_DIR / f"stage-{stage:05d}.safetensors"
-
-
-def save_stage(run_dir: Path, stage: int, step: int, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """One stage's merged factors, layer -> (c * B, A), under the plain model's module names."""
-    tensors = {}
-    for name, (b, a) in factors.items():
-        name = name.removeprefix(PEFT_PREFIX)
-        tensors[f"{name}.lora_A"], tensors[f"{name}.lora_B"] = a.contiguous(), b.contiguous()
-    path = stage_file(run_dir, stage)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata={"stage": str(stage), "step": str(step)})
-    tmp.replace(path)
-
-
-def trim_stages(run_dir: Path, last_step: int | None) -> None:
-    """Drop stage files written after `last_step` (all of them for a fresh run)."""
-    for path in sorted((run_dir / STAGES_DIR).glob("stage-*.safetensors")):
-        with safe_open(str(path), "pt") as f:
-            step = int(f.metadata()["step"])
-        if last_step is None or step > last_step:
-            path.unlink()
-
-
-def load_stages(run_dir: Path) -> list[dict[str, torch.Tensor]]:
+def load_stages(run: RunDir) -> list[dict[str, torch.Tensor]]:
     """Every stage's factors in stage order; the run must have finished and kept all of them."""
-    if not (run_dir / "summary.json").is_file():
-        raise ExportError(f"{run_dir} holds no finished run (no summary.json)")
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = run.summary()
+    if summary is None:
+        raise ExportError(f"{run.path} holds no finished run (no summary.json)")
     if summary.get("finetune_mode") == "full":
-        raise ExportError(f"{run_dir} is a full fine-tuning run: its update is not a sum of low-rank factors")
-    paths = sorted((run_dir / STAGES_DIR).glob("stage-*.safetensors"))
-    if not paths:
-        raise ExportError(f"{run_dir / STAGES_DIR} holds no stage factors (train with --save_stage_factors True)")
-    stages = [int(p.stem.split("-")[1]) for p in paths]
-    if stages != list(range(len(paths))):
-        raise ExportError(f"{run_dir / STAGES_DIR}: stage files {stages} are not 0..{len(paths) - 1} without gaps")
-    result = []
-    for path in paths:
-        with safe_open(str(path), "pt") as f:
-            result.append({key: f.get_tensor(key) for key in f.keys()})  # noqa: SIM118 (safe_open is not a dict)
-    return result
+        raise ExportError(f"{run.path} is a full fine-tuning run: its update is not a sum of low-rank factors")
+    try:
+        return run.load_stages()
+    except RunDirError as e:
+        raise ExportError(str(e)) from None
 
 
 def stack(stages: list[dict[str, torch.Tensor]]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -132,7 +98,8 @@ def export_adapter(run_dir: Path, output_dir: Path, max_rank: int | None = None,
 
     Returns a report: the rank, the layers, and with `max_rank` each layer's compression error.
     """
-    stages = load_stages(run_dir)
+    run = RunDir(run_dir)
+    stages = load_stages(run)
     factors = stack(stages)
     full_rank = next(iter(factors.values()))[1].shape[0]
     report: dict = {"stages": len(stages), "full_rank": full_rank, "layers": len(factors)}
@@ -151,8 +118,7 @@ def export_adapter(run_dir: Path, output_dir: Path, max_rank: int | None = None,
     rank = next(iter(factors.values()))[1].shape[0]
     report["rank"] = rank
 
-    run_args = json.loads((run_dir / "run_args.json").read_text())
-    base = base_model or base_model_of(run_args)
+    base = base_model or resolve_model_path(run.base_model())
     config = LoraConfig(
         r=rank,
         lora_alpha=rank,  # scaling alpha / r = 1: the coefficients are already in B
@@ -173,13 +139,6 @@ def export_adapter(run_dir: Path, output_dir: Path, max_rank: int | None = None,
     return report
 
 
-def base_model_of(run_args: dict) -> str:
-    """The model the run started from, as the run resolved it (the embedded model: its local copy)."""
-    from fastchat_plora.models import resolve_model_path
-
-    return resolve_model_path(run_args.get("model_name_or_path"))
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run_dir", required=True, help="a finished LoRA or PLoRA run (with its stages/ folder)")
@@ -192,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         report = export_adapter(Path(args.run_dir), Path(args.output_dir), args.max_rank, args.base_model)
-    except (ExportError, FileNotFoundError) as e:
+    except (ExportError, RunDirError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     line = f"wrote a rank-{report['rank']} LoRA adapter ({report['stages']} stages, {report['layers']} layers)"

@@ -47,6 +47,8 @@ def materialize_gguf(gguf_path: Path, target: Path) -> Path:
     """
     if (target / "config.json").exists():
         return target
+    if importlib.util.find_spec("gguf") is None:
+        raise FileNotFoundError(f"reading {gguf_path.name} needs the gguf package: pip install -e '.[demo]' (or gguf)")
     logger.info("converting %s into a plain HF model at %s (once)", gguf_path.name, target)
     folder, name = str(gguf_path.parent), gguf_path.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)

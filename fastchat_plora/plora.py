@@ -35,6 +35,7 @@ from peft.tuners.lora import LoraLayer
 
 MOMENTUM_MODES = ("preserve", "paper")
 INIT_METHODS = ("gaussian", "kaiming")
+DEFAULT_INIT = "gaussian"
 
 
 class NonFiniteAdapterError(RuntimeError):
@@ -49,7 +50,7 @@ class UnloadReport:
     mode: str
     update_norms: dict[str, float] = field(default_factory=dict)
     skipped: bool = False  # True when a non-finite adapter was discarded instead of merged
-    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None  # layer -> (c * B, A) merged, on request
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # layer -> (c * B, A)
 
     @property
     def layers(self) -> list[str]:
@@ -86,7 +87,7 @@ def scaled_update(a: torch.Tensor, b: torch.Tensor, scale: float, fan_in_fan_out
     return delta.T if fan_in_fan_out else delta
 
 
-def fresh_lora_a(shape: torch.Size, generator: torch.Generator, method: str = "gaussian") -> torch.Tensor:
+def fresh_lora_a(shape: torch.Size, generator: torch.Generator, method: str = DEFAULT_INIT) -> torch.Tensor:
     """A new A drawn on the CPU in fp32, so its values depend on neither device nor dtype."""
     fresh = torch.empty(shape, dtype=torch.float32)
     if method == "gaussian":
@@ -114,7 +115,14 @@ class LocalWeights:
     `unload`, `reinit_adapters` and `next_stage` do all their maths through one of these, so the
     maths is written once; `distributed.ZeroWeights` overrides the access for DeepSpeed ZeRO, where
     the adapters' fp32 masters live in the optimizer and ZeRO-3 partitions every weight.
+
+    ``compensation``, when given, holds the Kahan buffers of the bf16/fp16 base weights by layer
+    name (missing ones are created, zero, at the first merge); None merges without compensation.
+    Checkpoints save and restore the same dict.
     """
+
+    def __init__(self, compensation: dict[str, torch.Tensor] | None = None):
+        self.compensation = compensation
 
     def read(self, param: torch.Tensor) -> torch.Tensor:
         """The full value of an adapter factor."""
@@ -136,6 +144,12 @@ class LocalWeights:
         """Whether this process keeps the Kahan buffer of ``weight`` (the one whose writes last)."""
         return True
 
+    def compensation_for(self, name: str, weight: torch.Tensor) -> torch.Tensor | None:
+        """The Kahan buffer to merge ``weight`` with, or None for a plain merge."""
+        if self.compensation is None or not needs_compensation(weight) or not self.keeps_compensation(weight):
+            return None
+        return self.compensation.setdefault(name, torch.zeros_like(weight))
+
     def reset_optimizer(self, optimizer, model: torch.nn.Module, adapter_name: str = "default") -> int:
         """Zero the adapters' optimizer state; returns how many parameters had state."""
         return reset_optimizer_state(optimizer, adapter_parameters(model, adapter_name))
@@ -147,9 +161,10 @@ LOCAL = LocalWeights()
 def reinit_adapters(
     model: torch.nn.Module,
     generator: torch.Generator,
-    init: str = "gaussian",
-    adapter_name: str = "default",
+    *,
+    init: str = DEFAULT_INIT,
     weights: LocalWeights = LOCAL,
+    adapter_name: str = "default",
 ) -> None:
     """Start a fresh adapter everywhere: A re-drawn from ``generator`` in module order, B = 0."""
     with torch.no_grad():
@@ -185,23 +200,21 @@ def needs_compensation(weight: torch.Tensor) -> bool:
 
 def unload(
     model: torch.nn.Module,
+    *,
     momentum: float = 0.0,
     mode: str = "preserve",
     generator: torch.Generator | None = None,
-    init: str = "gaussian",
-    adapter_name: str = "default",
-    compensation: dict[str, torch.Tensor] | None = None,
-    keep_factors: bool = False,
+    init: str = DEFAULT_INIT,
     weights: LocalWeights = LOCAL,
+    adapter_name: str = "default",
 ) -> UnloadReport:
     """Merge (1 - momentum) of every adapter into its base weight and start the next stage.
 
     See the module docstring for the maths. ``generator`` is required when ``momentum == 0``
-    (A is re-drawn from it) and unused otherwise. ``compensation``, when given, holds the Kahan
-    buffers of the bf16/fp16 base weights by layer name; missing ones are created (zero).
-    ``keep_factors`` puts the merged factors (c * B, A), c = (1 - m) * scaling, in the report.
-    ``weights`` says how to reach the weights (`LocalWeights`, or ZeRO's); every rank calls this
-    under ZeRO, and visits the layers in module order, so all draw the same A.
+    (A is re-drawn from it) and unused otherwise. ``weights`` says how to reach the weights and
+    holds the compensation buffers (`LocalWeights`, or ZeRO's); every rank calls this under ZeRO,
+    and visits the layers in module order, so all draw the same A. The report holds each layer's
+    merged factors (c * B, A), c = (1 - m) * scaling, on the CPU: the adapter's size.
     """
     if not 0.0 <= momentum < 1.0:
         raise ValueError(f"momentum must be in [0, 1), got {momentum}")
@@ -223,7 +236,7 @@ def unload(
             if not torch.isfinite(value).all():
                 raise NonFiniteAdapterError(f"{name}.{factor} holds NaN or Inf; refusing to merge it")
 
-    report = UnloadReport(momentum=momentum, mode=mode, factors={} if keep_factors else None)
+    report = UnloadReport(momentum=momentum, mode=mode, factors={})
     with torch.no_grad():
         for name, layer in layers:
             a, b = factors[name]
@@ -231,13 +244,9 @@ def unload(
             merged = scaled_update(a, b, coefficient, getattr(layer, "fan_in_fan_out", False))
             base = layer.get_base_layer().weight
             with weights.whole(base):
-                comp = None
-                if compensation is not None and needs_compensation(base) and weights.keeps_compensation(base):
-                    comp = compensation.setdefault(name, torch.zeros_like(base))
-                compensated_add_(base, merged.to(base.device), comp)
+                compensated_add_(base, merged.to(base.device), weights.compensation_for(name, base))
             report.update_norms[name] = merged.norm().item()
-            if keep_factors:
-                report.factors[name] = (b.float().cpu() * coefficient, a.float().cpu().clone())
+            report.factors[name] = (b.float().cpu() * coefficient, a.float().cpu().clone())
             new_a, new_b = next_factors(a, b, momentum, mode, generator, init)
             weights.write(layer.lora_A[adapter_name].weight, new_a)
             weights.write(layer.lora_B[adapter_name].weight, new_b)
@@ -319,32 +328,98 @@ def steps_per_stage(
     return max(1, round(unload_every_samples / global_batch_size))
 
 
+@dataclass(frozen=True)
+class StagePlan:
+    """When stages end and how each unload treats the adapter: the stage arithmetic in one place.
+
+    Optimizer steps count from 1. With ``steps = K`` stage t (from 0) runs steps t*K + 1 .. (t+1)*K
+    and ends in an unload after step (t+1)*K, except the run's last step, which ends in the final
+    merge instead. ``steps = None`` is plain LoRA: one stage, only the final merge. Stage t's A is
+    drawn from ``generator(t)``, so every rank and every resumed run draws the same.
+    """
+
+    steps: int | None = None
+    momentum: float = 0.0
+    mode: str = "preserve"
+    init: str = DEFAULT_INIT
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.steps is not None and self.steps <= 0:
+            raise ValueError(f"stage length must be positive, got {self.steps}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+        if self.mode not in MOMENTUM_MODES:
+            raise ValueError(f"unknown momentum mode {self.mode!r}; expected one of {MOMENTUM_MODES}")
+        if self.init not in INIT_METHODS:
+            raise ValueError(f"unknown init method {self.init!r}; expected one of {INIT_METHODS}")
+
+    def stage_of(self, step: int) -> int:
+        """The stage optimizer step ``step`` belongs to (step 0, before training, is in stage 0)."""
+        return (max(step, 1) - 1) // self.steps if self.steps else 0
+
+    def is_boundary(self, step: int, max_steps: int) -> bool:
+        """Whether an unload follows step ``step`` (the last step gets the final merge instead)."""
+        return bool(self.steps) and 0 < step < max_steps and step % self.steps == 0
+
+    def count(self, total_steps: int) -> int:
+        """How many stages a run of ``total_steps`` steps has (the last may be short)."""
+        return -(-total_steps // self.steps) if self.steps else 1
+
+    def generator(self, stage: int) -> torch.Generator:
+        """The generator stage ``stage``'s A is drawn from."""
+        return stage_generator(self.seed, stage)
+
+
 def next_stage(
     model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer | None,
+    *,
+    plan: StagePlan,
     stage: int,
-    seed: int,
-    momentum: float = 0.0,
-    mode: str = "preserve",
-    init: str = "gaussian",
-    adapter_name: str = "default",
-    compensation: dict[str, torch.Tensor] | None = None,
-    keep_factors: bool = False,
+    optimizer: torch.optim.Optimizer | None = None,
     weights: LocalWeights = LOCAL,
+    final: bool = False,
 ) -> UnloadReport:
     """End stage ``stage``: unload the adapters and reset their optimizer state.
 
-    The next stage's A is drawn from ``stage_generator(seed, stage + 1)``. The learning-rate
-    restart needs no call here: the schedule itself is periodic (``periodic_lr_lambda``).
-    An adapter holding NaN or Inf is not merged: every adapter is re-initialised instead, the
-    base weights stay as they were, and the report says ``skipped``.
+    The next stage's A is drawn from ``plan.generator(stage + 1)``. ``final`` merges the whole
+    adapter (momentum 0), whatever the plan's momentum, so the saved model computes what the
+    trained model computes. The learning-rate restart needs no call here: the schedule itself is
+    periodic (``periodic_lr_lambda``). An adapter holding NaN or Inf is not merged: every adapter
+    is re-initialised instead, the base weights stay as they were, and the report says ``skipped``.
     """
-    generator = stage_generator(seed, stage + 1)
+    momentum = 0.0 if final else plan.momentum
+    generator = plan.generator(stage + 1)
     try:
-        report = unload(model, momentum, mode, generator, init, adapter_name, compensation, keep_factors, weights)
+        report = unload(model, momentum=momentum, mode=plan.mode, generator=generator, init=plan.init, weights=weights)
     except NonFiniteAdapterError:
-        reinit_adapters(model, generator, init, adapter_name, weights)
-        report = UnloadReport(momentum=momentum, mode=mode, skipped=True)
+        reinit_adapters(model, generator, init=plan.init, weights=weights)
+        report = UnloadReport(momentum=momentum, mode=plan.mode, skipped=True)
     if optimizer is not None:
-        weights.reset_optimizer(optimizer, model, adapter_name)
+        weights.reset_optimizer(optimizer, model)
     return report
+
+
+@dataclass
+class RankReport:
+    numerical_rank: int
+    tolerance: float
+    top_singular_values: list[float]
+
+
+def update_rank(w_final: torch.Tensor, w_initial: torch.Tensor, storage_dtype: torch.dtype, top: int = 5) -> RankReport:
+    """Numerical rank of W_T - W_0, computed in fp64.
+
+    A singular value counts when it exceeds (sqrt(m) + sqrt(n)) * eps(storage dtype) * rms(W_T).
+    Rounding W_T to its storage dtype once adds an error of at most half a rounding step per
+    entry (std <= eps * |w| / sqrt(12)), and a random m x n matrix of such entries has spectral
+    norm about std * (sqrt(m) + sqrt(n)): the tolerance sits ~3.5x above that noise floor. So a
+    single rounding is not counted as rank, while every real stage's contribution is; rounding
+    noise accumulated over many plain bf16 merges rises above it and shows up as extra rank.
+    """
+    delta = w_final.double() - w_initial.double()
+    sigma = torch.linalg.svdvals(delta)
+    m, n = delta.shape
+    rms = w_final.double().pow(2).mean().sqrt().item()
+    tol = (m**0.5 + n**0.5) * torch.finfo(storage_dtype).eps * rms
+    return RankReport(int((sigma > tol).sum()), tol, sigma[:top].tolist())

@@ -18,8 +18,9 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from fastchat_plora.rundir import WANDB_RUN_FILE
+
 logger = logging.getLogger(__name__)
-RUN_FILE = "wandb_run.json"
 DEFAULT_PROJECT = "fastchat-plora"
 
 
@@ -41,7 +42,7 @@ def prepare_wandb(report_to: list[str] | str | None) -> bool:
     if importlib.util.find_spec("wandb") is None:
         if "all" in targets:
             return False
-        raise ValueError("report_to=wandb needs the wandb package: pip install 'fastchat-plora[wandb]'")
+        raise ValueError("report_to=wandb needs the wandb package: pip install wandb")
     if not os.environ.get("WANDB_MODE") and not has_api_key():
         os.environ["WANDB_MODE"] = "offline"
         logger.warning("W&B: no API key, logging offline (upload later with `wandb sync`)")
@@ -76,7 +77,7 @@ class WandbPLoRACallback(TrainerCallback):
             "dir": str(Path(wandb.run.dir).parents[2]),  # <dir>/wandb/<run>/files: what wandb.init(dir=) takes
             "offline": bool(wandb.run.offline),
         }
-        (self.output_dir / RUN_FILE).write_text(json.dumps(info, indent=2))
+        (self.output_dir / WANDB_RUN_FILE).write_text(json.dumps(info, indent=2))
 
     def on_step_end(self, args, state, control, **kwargs):
         self._log_new_events(state)

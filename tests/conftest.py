@@ -1,8 +1,12 @@
-"""Shared fixtures: a tiny random LLaMA (2 layers, hidden 64) with the embedded model's real tokenizer."""
+"""Shared fixtures: a tiny random LLaMA (2 layers, hidden 64) with the embedded model's real tokenizer,
+the flags of a tiny training run, and one way to start the project's modules in a subprocess."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +16,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from fastchat_plora.models import load_tokenizer, resolve_model_path
 
-SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data"
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -84,6 +89,29 @@ def conversations_file(tmp_path) -> Path:
     return write_conversations(tmp_path / "conversations.jsonl")
 
 
+def tiny_run(model_dir: Path, data: Path, out: Path, **flags) -> list[str]:
+    """The command-line flags of a training run of seconds; keyword flags add to or override the defaults."""
+    defaults = {"model_name_or_path": model_dir, "data_path": data, "output_dir": out, "model_max_length": 64,
+                "lora_r": 2, "disable_tqdm": True}  # fmt: skip
+    return [part for key, value in {**defaults, **flags}.items() for part in (f"--{key}", str(value))]
+
+
+def module_env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO), **extra}
+
+
+def start_module(module: str, *args: str, env: dict | None = None, **popen) -> subprocess.Popen:
+    """``python -m module args`` from the repository root, as a user runs it, without waiting."""
+    popen = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True, **popen}
+    return subprocess.Popen([sys.executable, "-m", module, *args], cwd=REPO, env=env or module_env(), **popen)
+
+
+def run_module(module: str, *args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``python -m module args`` to its end (at most ``timeout`` seconds); stdout and stderr kept apart."""
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env or module_env(),
+                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+
+
 TINY_RUN_RANK = 2
 
 
@@ -95,9 +123,7 @@ def tiny_plora_run(tiny_model_dir, tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("tiny_plora_run")
     data = write_conversations(tmp / "c.jsonl")
     out = tmp / "run"
-    code = cli(["--model_name_or_path", str(tiny_model_dir), "--data_path", str(data), "--output_dir", str(out),
-                "--lora_r", str(TINY_RUN_RANK), "--unload_every_steps", "2", "--max_steps", "6",
-                "--unload_momentum", "0.3", "--learning_rate", "1e-2", "--model_max_length", "64",
-                "--save_strategy", "no", "--disable_tqdm", "True"])  # fmt: skip
+    code = cli(tiny_run(tiny_model_dir, data, out, lora_r=TINY_RUN_RANK, unload_every_steps=2, max_steps=6,
+                        unload_momentum=0.3, learning_rate=1e-2, save_strategy="no"))  # fmt: skip
     assert code == 0
     return out

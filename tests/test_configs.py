@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 from fastchat_plora.args import ConfigError, load_config, parse_args, validate
+from tests.conftest import REPO, run_module
 
-REPO = Path(__file__).resolve().parent.parent
 ALL_YAML = sorted((REPO / "configs").rglob("*.yaml"))
 SHARED = [p for p in ALL_YAML if p.name.startswith("_")]  # included by others, not runs of their own
 CONFIGS = [p for p in ALL_YAML if p not in SHARED]
@@ -79,5 +75,23 @@ def test_include_cycle_and_missing_include_are_errors(tmp_path):
 def test_config_check_command_names_the_bad_key(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("include: " + str(REPO / "configs" / "small" / "_common.yaml") + "\nlora_rank: 8\n")
-    proc = subprocess.run([sys.executable, "-m", "fastchat_plora.args", str(bad)], capture_output=True, text=True)
+    proc = run_module("fastchat_plora.args", str(bad))
     assert proc.returncode == 2 and "lora_rank" in proc.stderr
+
+
+def test_a_mapping_value_reaches_the_training_arguments(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("lr_scheduler_type: cosine_with_min_lr\nlr_scheduler_kwargs: {min_lr: 1.0e-6}\n")
+    args = parse_args(["--config", str(config), "--output_dir", str(tmp_path / "out"), "--learning_rate", "2e-4"])
+    training = args[4]
+    assert training.lr_scheduler_kwargs == {"min_lr": 1e-6} and training.learning_rate == 2e-4
+
+
+@pytest.mark.parametrize(
+    "line,message", [("lora_r: 8.5", "lora_r=8.5"), ("max_steps: true", "max_steps=True"), ("bf16: 3", "bf16=3")]
+)
+def test_a_value_of_the_wrong_type_names_the_key(tmp_path, line, message):
+    config = tmp_path / "c.yaml"
+    config.write_text(line + "\n")
+    with pytest.raises(ConfigError, match=message):
+        load_config(config)

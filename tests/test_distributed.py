@@ -25,20 +25,18 @@ import torch
 from safetensors.torch import load_file
 
 from eval.loading import load_for_eval
-from tests.conftest import write_conversations
+from tests.conftest import REPO, module_env, run_module, tiny_run, write_conversations
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 TOLERANCE = 1e-3
 
 
 def flags(model_dir: Path, data: Path, out: Path, per_device: int, *extra: str) -> list[str]:
-    return ["--model_name_or_path", str(model_dir), "--data_path", str(data), "--output_dir", str(out),
-            "--per_device_train_batch_size", str(per_device), "--unload_every_steps", "2", "--max_steps", "6",
-            "--unload_momentum", "0.3", "--lora_r", "2", "--lora_dropout", "0", "--learning_rate", "1e-3",
-            "--model_max_length", "64", "--train_sampling_strategy", "sequential", "--save_steps", "3",
-            "--logging_steps", "1", "--use_cpu", "True", "--disable_tqdm", "True", *extra]  # fmt: skip
+    run = tiny_run(model_dir, data, out, per_device_train_batch_size=per_device, unload_every_steps=2, max_steps=6,
+                   unload_momentum=0.3, lora_dropout=0, learning_rate=1e-3, train_sampling_strategy="sequential",
+                   save_steps=3, logging_steps=1, use_cpu=True)  # fmt: skip
+    return [*run, *extra]
 
 
 def launch(launcher: str, port: int, args: list[str], log: Path) -> None:
@@ -50,7 +48,7 @@ def launch(launcher: str, port: int, args: list[str], log: Path) -> None:
     else:
         command = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(port),
                    "--module", "fastchat_plora.train_plora", *args]  # fmt: skip
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = module_env(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     with log.open("w") as f:
         proc = subprocess.run(command, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=900)
     assert proc.returncode == 0, log.read_text()[-3000:]
@@ -143,10 +141,7 @@ def test_unsupported_setups_stop_before_training(setup, tmp_path, extra, message
     (tmp_path / "offload.json").write_text(json.dumps(offload))
     extra = [str(tmp_path / "offload.json") if e == "OFFLOAD" else e for e in extra]
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "fastchat_plora.train_plora", *flags(base, data, out, 1, *extra)]
-    proc = subprocess.run(
-        command, cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}
-    )
+    proc = run_module("fastchat_plora.train_plora", *flags(base, data, out, 1, *extra))
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
     assert not out.exists()
 
@@ -159,9 +154,8 @@ def test_a_rank_that_dies_ends_the_job_and_leaves_the_last_checkpoint_readable(s
     args[args.index("--save_steps") + 1] = "2"
     command = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", "29616",
                "-m", "fastchat_plora.train_plora", *args]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     log = (tmp_path / "log").open("w")
-    job = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    job = subprocess.Popen(command, cwd=REPO, env=module_env(OMP_NUM_THREADS="1"), stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 600
     while not (out / "checkpoint-4").is_dir() and job.poll() is None and time.monotonic() < deadline:
         time.sleep(0.5)

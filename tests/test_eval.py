@@ -16,7 +16,7 @@ from eval import run_eval
 from eval.loading import load_for_eval
 from eval.tasks.utils import extract_flexible, extract_strict, gsm8k_gold
 from fastchat_plora.train_plora import cli
-from tests.conftest import SHARED_DATA, write_conversations
+from tests.conftest import SHARED_DATA, tiny_run, write_conversations
 
 
 @pytest.mark.parametrize(
@@ -142,8 +142,7 @@ def test_real_model_writes_result_files(tiny_model_dir, data_dir, tmp_path):
 def train_tiny_plora(model_dir: Path, tmp_path: Path, out: Path, *extra: str) -> None:
     """A few PLoRA steps (stages of 2) of the tiny model on made-up conversations, with checkpoints."""
     data = write_conversations(tmp_path / "c.jsonl")
-    code = cli(["--model_name_or_path", str(model_dir), "--data_path", str(data), "--output_dir", str(out),
-                "--unload_every_steps", "2", "--model_max_length", "64", "--disable_tqdm", "True", *extra])  # fmt: skip
+    code = cli([*tiny_run(model_dir, data, out, unload_every_steps=2), *extra])
     assert code == 0
 
 

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from fastchat_plora import export
+from fastchat_plora.rundir import RunDir
 from tests.conftest import TINY_RUN_RANK as R
 
 
@@ -53,7 +54,7 @@ def test_compression_reports_the_svd_error(tiny_plora_run, tmp_path):
     assert report["rank"] == 2 and report["full_rank"] == 3 * R
 
     layer = "model.layers.0.self_attn.q_proj"
-    b, a = export.stack(export.load_stages(tiny_plora_run))[layer]
+    b, a = export.stack(export.load_stages(RunDir(tiny_plora_run)))[layer]
     sigma = torch.linalg.svdvals(b.double() @ a.double())
     expected = (sigma[2:].pow(2).sum() / sigma.pow(2).sum()).sqrt().item()
     assert report["compression"]["relative_error_by_layer"][layer] == pytest.approx(expected, rel=1e-6)
@@ -71,15 +72,6 @@ def test_compress_keeps_an_update_already_within_the_rank():
     b2, a2, result = export.compress(b, a, 5)
     assert b2.shape == (12, 3) and result.relative_error == pytest.approx(0.0, abs=1e-12)
     torch.testing.assert_close(b2 @ a2, b @ a, atol=1e-5, rtol=1e-5)
-
-
-def test_a_resumed_run_drops_stage_files_written_after_its_checkpoint(tmp_path):
-    export.save_stage(tmp_path, 0, 2, {"x": (torch.zeros(3, 1), torch.zeros(1, 2))})
-    export.save_stage(tmp_path, 1, 4, {"x": (torch.zeros(3, 1), torch.zeros(1, 2))})
-    export.trim_stages(tmp_path, 3)
-    assert [p.name for p in (tmp_path / "stages").iterdir()] == ["stage-00000.safetensors"]
-    export.trim_stages(tmp_path, None)
-    assert not list((tmp_path / "stages").iterdir())
 
 
 def test_runs_that_cannot_be_exported_name_the_reason(tmp_path, capsys, tiny_plora_run):

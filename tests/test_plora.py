@@ -10,9 +10,10 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from fastchat_plora.analyze import update_rank
 from fastchat_plora.plora import (
+    LocalWeights,
     NonFiniteAdapterError,
+    StagePlan,
     adapter_parameters,
     compensated_add_,
     lora_layers,
@@ -22,6 +23,7 @@ from fastchat_plora.plora import (
     stage_generator,
     steps_per_stage,
     unload,
+    update_rank,
 )
 from tests.conftest import tiny_lora
 
@@ -50,16 +52,24 @@ def snapshot(model) -> dict[str, dict[str, torch.Tensor]]:
 def test_logits_unchanged_across_unload(momentum, mode):
     model = tiny_lora()
     before = logits(model)
-    unload(model, momentum, mode, stage_generator(0, 1))
+    unload(model, momentum=momentum, mode=mode, generator=stage_generator(0, 1))
     torch.testing.assert_close(logits(model), before, rtol=1e-5, atol=1e-5)
 
 
-def test_paper_mode_shifts_output_by_m2_minus_m():
-    # The adapter keeps m^2 Delta, so the model computes W + (1 - m + m^2) Delta: not the same function.
+def test_paper_mode_shifts_each_layer_by_m2_minus_m_delta():
+    # The adapter keeps m^2 Delta, so each layer computes W + (1 - m + m^2) Delta: not the same function.
+    m = 0.3
     model = tiny_lora()
-    before = logits(model)
-    unload(model, 0.3, "paper")
-    assert not torch.allclose(logits(model), before, atol=1e-4)
+    before, outputs = snapshot(model), logits(model)
+    unload(model, momentum=m, mode="paper")
+    for name, layer in lora_layers(model):
+        old = before[name]
+        delta = old["s"] * old["B"] @ old["A"]
+        effective = (
+            layer.get_base_layer().weight + old["s"] * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+        )
+        torch.testing.assert_close(effective, old["W"] + delta + (m * m - m) * delta, rtol=0, atol=1e-6)
+    assert not torch.allclose(logits(model), outputs, atol=1e-4)
 
 
 def test_unload_on_hand_computed_layer():
@@ -87,7 +97,7 @@ def test_unload_on_hand_computed_layer():
 def test_base_weight_gains_one_minus_m_delta(momentum, mode, kept_factor):
     model = tiny_lora()
     before = snapshot(model)
-    unload(model, momentum, mode, stage_generator(0, 1))
+    unload(model, momentum=momentum, mode=mode, generator=stage_generator(0, 1))
     for name, layer in lora_layers(model):
         old = before[name]
         delta = old["s"] * old["B"] @ old["A"]
@@ -99,7 +109,7 @@ def test_base_weight_gains_one_minus_m_delta(momentum, mode, kept_factor):
 def test_m0_unload_zeroes_b_and_redraws_a():
     model = tiny_lora()
     before = snapshot(model)
-    unload(model, 0.0, generator=stage_generator(0, 1))
+    unload(model, momentum=0.0, generator=stage_generator(0, 1))
     for name, layer in lora_layers(model):
         assert torch.count_nonzero(layer.lora_B["default"].weight) == 0
         a = layer.lora_A["default"].weight
@@ -114,7 +124,7 @@ from tests.conftest import tiny_lora
 from fastchat_plora.plora import lora_layers, stage_generator, unload
 torch.manual_seed({global_seed})  # the global RNG must not matter
 model = tiny_lora()
-unload(model, 0.0, generator=stage_generator({seed}, 3))
+unload(model, momentum=0.0, generator=stage_generator({seed}, 3))
 h = hashlib.sha256()
 for _, layer in lora_layers(model):
     h.update(layer.lora_A["default"].weight.detach().numpy().tobytes())
@@ -135,7 +145,7 @@ def test_redraw_identical_across_processes_and_independent_of_global_rng():
 
 def test_kaiming_init_option_bounds():
     model = tiny_lora()
-    unload(model, 0.0, generator=stage_generator(0, 1), init="kaiming")
+    unload(model, momentum=0.0, generator=stage_generator(0, 1), init="kaiming")
     for _, layer in lora_layers(model):
         a = layer.lora_A["default"].weight
         bound = 1 / math.sqrt(a.shape[1])  # kaiming_uniform with a = sqrt(5)
@@ -149,7 +159,7 @@ def test_non_finite_adapter_is_refused_before_any_write():
     with torch.no_grad():
         last.lora_B["default"].weight[0, 0] = float("nan")
     with pytest.raises(NonFiniteAdapterError, match="lora_B"):
-        unload(model, 0.0, generator=stage_generator(0, 1))
+        unload(model, momentum=0.0, generator=stage_generator(0, 1))
     for name, layer in lora_layers(model):
         assert torch.equal(layer.get_base_layer().weight, before[name]["W"])
 
@@ -157,11 +167,11 @@ def test_non_finite_adapter_is_refused_before_any_write():
 def test_unload_rejects_bad_momentum_and_mode():
     model = tiny_lora()
     with pytest.raises(ValueError, match="momentum"):
-        unload(model, 1.0)
+        unload(model, momentum=1.0)
     with pytest.raises(ValueError, match="momentum mode"):
-        unload(model, 0.1, mode="literal")
+        unload(model, momentum=0.1, mode="literal")
     with pytest.raises(ValueError, match="generator"):
-        unload(model, 0.0)
+        unload(model, momentum=0.0)
 
 
 def adam_steps(model, optimizer, n: int) -> None:
@@ -231,7 +241,7 @@ def test_next_stage_unloads_and_resets():
     adapters = adapter_parameters(model)
     optimizer = torch.optim.AdamW(adapters, lr=1e-3)
     adam_steps(model, optimizer, 2)
-    report = next_stage(model, optimizer, stage=0, seed=0)
+    report = next_stage(model, plan=StagePlan(steps=2), stage=0, optimizer=optimizer)
     assert len(report.layers) == 14
     assert all(float(optimizer.state[p]["step"]) == 0 for p in adapters)
 
@@ -244,6 +254,47 @@ def test_steps_per_stage_from_steps_and_samples():
     for bad in [(None, None, 24), (5, 5, 24), (0, None, 24), (None, -1, 24)]:
         with pytest.raises(ValueError):
             steps_per_stage(*bad)
+
+
+@pytest.mark.parametrize(
+    "steps,step,stage,boundary",
+    [
+        (4, 0, 0, False),  # before the first step
+        (4, 1, 0, False),
+        (4, 4, 0, True),  # the last step of stage 0: an unload follows
+        (4, 5, 1, False),
+        (4, 8, 1, True),
+        (4, 10, 2, False),
+        (4, 12, 2, False),  # the run's last step: the final merge, not an unload
+        (None, 7, 0, False),  # plain LoRA: one stage
+    ],
+)
+def test_stage_plan_places_steps_in_stages(steps, step, stage, boundary):
+    plan = StagePlan(steps=steps)
+    assert plan.stage_of(step) == stage
+    assert plan.is_boundary(step, max_steps=12) == boundary
+
+
+@pytest.mark.parametrize("steps,total,count", [(4, 12, 3), (4, 13, 4), (4, 3, 1), (1, 5, 5), (None, 100, 1)])
+def test_stage_plan_counts_stages(steps, total, count):
+    assert StagePlan(steps=steps).count(total) == count
+
+
+def test_stage_plan_generators_repeat_and_differ_by_stage():
+    plan = StagePlan(steps=2, seed=5)
+    first = torch.randn(4, generator=plan.generator(1))
+    assert torch.equal(first, torch.randn(4, generator=StagePlan(steps=9, seed=5).generator(1)))
+    assert not torch.equal(first, torch.randn(4, generator=plan.generator(2)))
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [({"steps": 0}, "stage length"), ({"momentum": 1.0}, "momentum"), ({"mode": "x"}, "momentum mode"),
+     ({"init": "zeros"}, "init method")],
+)  # fmt: skip
+def test_stage_plan_refuses_bad_values(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        StagePlan(**kwargs)
 
 
 def test_periodic_schedule_restarts_each_stage():
@@ -268,7 +319,7 @@ def test_accumulated_update_rank_is_min_tr_d(r, stages):
             for _, layer in lora_layers(model):
                 b = layer.lora_B["default"].weight
                 b.copy_(torch.randn(b.shape, generator=gen) * 0.1)
-        unload(model, 0.0, generator=stage_generator(0, stage + 1))
+        unload(model, momentum=0.0, generator=stage_generator(0, stage + 1))
     for name, layer in lora_layers(model):
         w = layer.get_base_layer().weight.detach()
         assert update_rank(w, w0[name], w.dtype).numerical_rank == min(stages * r, *w.shape), name
@@ -316,7 +367,7 @@ def test_unload_compensates_only_low_precision_weights():
     first_name, first = next(lora_layers(model))
     first.get_base_layer().weight.data = first.get_base_layer().weight.data.to(torch.bfloat16)
     compensation = {}
-    unload(model, 0.0, generator=stage_generator(0, 1), compensation=compensation)
+    unload(model, momentum=0.0, generator=stage_generator(0, 1), weights=LocalWeights(compensation))
     assert list(compensation) == [first_name]
     assert compensation[first_name].dtype == torch.bfloat16
 
@@ -329,7 +380,7 @@ def test_non_finite_stage_is_discarded_not_merged():
     _, last = list(lora_layers(model))[-1]
     with torch.no_grad():
         last.lora_A["default"].weight[0, 0] = float("inf")
-    report = next_stage(model, optimizer, stage=0, seed=0)
+    report = next_stage(model, plan=StagePlan(steps=2), stage=0, optimizer=optimizer)
     assert report.skipped and not report.update_norms
     for name, layer in lora_layers(model):
         assert torch.equal(layer.get_base_layer().weight, before[name]["W"])

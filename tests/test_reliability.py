@@ -4,10 +4,8 @@ and stopping after repeated non-finite stages."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,13 +14,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fastchat_plora.callback import PLoRACallback, PLoRATrainer, PreemptionCallback, StopRequest, TrainingDiverged
-from fastchat_plora.checkpoint import latest_checkpoint
-from fastchat_plora.plora import lora_layers
+from fastchat_plora.callback import PLoRACallback, PreemptionCallback, StopRequest, TrainingDiverged
+from fastchat_plora.plora import StagePlan, lora_layers
+from fastchat_plora.rundir import RunDir
 from fastchat_plora.train_plora import cli
-from tests.conftest import tiny_lora, write_conversations
+from fastchat_plora.trainer import PLoRATrainer
+from tests.conftest import start_module, tiny_lora, tiny_run, write_conversations
 
-REPO = Path(__file__).resolve().parent.parent
+WAIT_SECONDS = 300
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    return RunDir(out).latest_checkpoint()
 
 
 @pytest.fixture(scope="module")
@@ -32,29 +35,28 @@ def data(tmp_path_factory) -> Path:
 
 def flags(model_dir, data, out, *extra) -> list[str]:
     # Momentum 0.1 and dropout: the live adapter, the optimizer, the stage and the RNG all matter.
-    return [
-        "--model_name_or_path", str(model_dir), "--data_path", str(data), "--output_dir", str(out),
-        "--model_max_length", "64", "--per_device_train_batch_size", "4", "--lora_r", "2",
-        "--unload_every_steps", "4", "--unload_momentum", "0.1", "--max_steps", "16",
-        "--learning_rate", "1e-2", "--logging_steps", "1", "--disable_tqdm", "True", *extra,
-    ]  # fmt: skip
+    run = tiny_run(model_dir, data, out, per_device_train_batch_size=4, unload_every_steps=4, unload_momentum=0.1,
+                   max_steps=16, learning_rate=1e-2, logging_steps=1)  # fmt: skip
+    return [*run, *extra]
 
 
 def start(args: list[str]) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "fastchat_plora.train_plora", *args]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return start_module("fastchat_plora.train_plora", *args)
 
 
 def finish(args: list[str]) -> subprocess.CompletedProcess:
     proc = start(args)
-    out, _ = proc.communicate(timeout=300)
+    out, _ = proc.communicate(timeout=WAIT_SECONDS)
     return subprocess.CompletedProcess(args, proc.returncode, out)
 
 
-def wait_for(proc: subprocess.Popen, path: Path) -> None:
+def wait_for(proc: subprocess.Popen, path: Path, timeout: float = WAIT_SECONDS) -> None:
+    deadline = time.monotonic() + timeout
     while not path.exists():
         assert proc.poll() is None, f"the run ended before {path.name} appeared:\n{proc.stdout.read()[-2000:]}"
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"{path.name} did not appear within {timeout} s")
         time.sleep(0.002)
 
 
@@ -77,7 +79,7 @@ def test_sigkill_mid_stage_then_resume_is_exact(tiny_model_dir, data, tmp_path, 
     proc = start(flags(tiny_model_dir, data, out, "--save_steps", "10"))
     wait_for(proc, out / "checkpoint-10")  # step 10 is mid-stage: stage 2 runs steps 9-12
     proc.send_signal(signal.SIGKILL)
-    proc.communicate()
+    proc.communicate(timeout=WAIT_SECONDS)
     assert proc.returncode == -signal.SIGKILL
     assert not (out / "model.safetensors").exists()
 
@@ -163,7 +165,7 @@ def test_resume_from_a_run_with_other_layers_is_refused(tiny_model_dir, data, tm
 
 def test_callback_stops_after_consecutive_bad_stages():
     model = tiny_lora()
-    callback = PLoRACallback(stage_steps=1, max_bad_stages=2)
+    callback = PLoRACallback(StagePlan(steps=1), max_bad_stages=2)
     state = SimpleNamespace(global_step=1, max_steps=10, is_world_process_zero=True)
     control = SimpleNamespace(should_save=False, should_training_stop=False)
 

@@ -18,7 +18,7 @@ from wandb.proto import wandb_internal_pb2  # noqa: E402
 from eval import run_eval  # noqa: E402
 from fastchat_plora import tracking  # noqa: E402
 from fastchat_plora.train_plora import cli  # noqa: E402
-from tests.conftest import write_conversations  # noqa: E402
+from tests.conftest import tiny_run, write_conversations  # noqa: E402
 
 BLOCK = 32768  # LevelDB log blocks; records are split across them
 
@@ -71,9 +71,8 @@ def test_training_and_evaluation_land_in_one_offline_run(offline_wandb, tiny_mod
     config.write_text("finetune_mode: plora\nunload_every_steps: 2\nmax_steps: 4\nlogging_steps: 1\n")
     data = write_conversations(tmp_path / "c.jsonl")
     out = tmp_path / "run"
-    code = cli(["--config", str(config), "--model_name_or_path", str(tiny_model_dir), "--data_path", str(data),
-                "--output_dir", str(out), "--model_max_length", "64", "--report_to", "wandb",
-                "--save_strategy", "no", "--disable_tqdm", "True"])  # fmt: skip
+    flags = tiny_run(tiny_model_dir, data, out, report_to="wandb", save_strategy="no")
+    code = cli(["--config", str(config), *flags])
     assert code == 0
     info = json.loads((out / "wandb_run.json").read_text())
     assert info["offline"] and info["project"] == "fastchat-plora"

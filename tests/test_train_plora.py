@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,36 +10,16 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from fastchat_plora.callback import PLoRACallback
 from fastchat_plora.models import flash_attention_available
 from fastchat_plora.train_plora import cli
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.conftest import run_module, tiny_run
 
 
 def train(tiny_model_dir, data, out, *extra) -> int:
-    return cli(
-        [
-            "--model_name_or_path",
-            str(tiny_model_dir),
-            "--data_path",
-            str(data),
-            "--output_dir",
-            str(out),
-            "--model_max_length",
-            "64",
-            "--per_device_train_batch_size",
-            "2",
-            "--logging_steps",
-            "1",
-            "--save_strategy",
-            "no",
-            "--lora_r",
-            "2",
-            "--disable_tqdm",
-            "True",
-            *extra,
-        ]
-    )
+    """A tiny run (batch 2, no checkpoints); ``extra`` flags come last and override."""
+    flags = tiny_run(tiny_model_dir, data, out, per_device_train_batch_size=2, logging_steps=1, save_strategy="no")
+    return cli([*flags, *extra])
 
 
 def events(out) -> list[dict]:
@@ -109,29 +86,35 @@ def test_full_finetune_changes_every_weight(tiny_model_dir, conversations_file, 
     assert train(tiny_model_dir, conversations_file, out, "--finetune_mode", "full", "--max_steps", "2") == 0
     assert not (out / "unload_events.jsonl").exists()
     before, after = load_file(tiny_model_dir / "model.safetensors"), load_file(out / "model.safetensors")
-    assert all(not torch.equal(before[k], after[k]) for k in before if "layers.0.self_attn.q_proj" in k)
+    assert before.keys() == after.keys()
+    assert [k for k in before if torch.equal(before[k], after[k])] == []
 
 
-def test_saved_model_computes_what_the_trained_model_computes(tiny_model_dir, conversations_file, tmp_path):
+INPUT_IDS = torch.arange(3, 40).unsqueeze(0)
+
+
+def test_saved_model_computes_what_the_trained_model_computes(
+    tiny_model_dir, conversations_file, tmp_path, monkeypatch
+):
     # Momentum keeps part of the update in the adapter; the final unload must still merge all of it.
+    trained = []
+    final_unload = PLoRACallback.on_train_end
+
+    def logits_then_final_unload(self, args, state, control, model=None, **kwargs):
+        with torch.no_grad():
+            trained.append(model.eval()(input_ids=INPUT_IDS).logits)  # the PEFT model as training left it
+        return final_unload(self, args, state, control, model=model, **kwargs)
+
+    monkeypatch.setattr(PLoRACallback, "on_train_end", logits_then_final_unload)
     out = tmp_path / "momentum"
-    code = train(
-        tiny_model_dir,
-        conversations_file,
-        out,
-        "--max_steps",
-        "5",
-        "--unload_every_steps",
-        "2",
-        "--unload_momentum",
-        "0.3",
-        "--learning_rate",
-        "1e-2",
-    )
-    assert code == 0
-    evs = events(out)
-    assert [e["momentum"] for e in evs] == [0.3, 0.3, 0.0]
-    assert evs[-1]["update_norm"] > 0  # the kept 0.3 of earlier stages plus the last stage
+    extra = ["--max_steps", "5", "--unload_every_steps", "2", "--unload_momentum", "0.3", "--learning_rate", "1e-2"]
+    assert train(tiny_model_dir, conversations_file, out, *extra) == 0
+    assert [e["momentum"] for e in events(out)] == [0.3, 0.3, 0.0]
+    saved = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    untouched = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert not torch.allclose(untouched(input_ids=INPUT_IDS).logits, trained[0], atol=1e-3)
+        torch.testing.assert_close(saved(input_ids=INPUT_IDS).logits, trained[0], rtol=1e-4, atol=5e-5)
 
 
 BAD_INPUTS = [
@@ -199,8 +182,8 @@ def test_bad_data_fails_cleanly(tiny_model_dir, tmp_path, capsys, content, messa
     "model,message", [("/no/such/model", "model directory not found"), ("{tmp}", "no config.json")]
 )
 def test_bad_model_path(conversations_file, tmp_path, capsys, model, message):
-    code = cli(["--model_name_or_path", model.format(tmp=tmp_path), "--data_path", str(conversations_file),
-                "--output_dir", str(tmp_path / "never"), "--unload_every_steps", "2"])  # fmt: skip
+    flags = tiny_run(model.format(tmp=tmp_path), conversations_file, tmp_path / "never", unload_every_steps=2)
+    code = cli(flags)
     assert code == 2
     assert_one_error_line(capsys.readouterr().err, message)
     assert not (tmp_path / "never").exists()
@@ -231,30 +214,9 @@ def test_unknown_config_key_and_flags_override_the_file(tiny_model_dir, conversa
 def test_embedded_model_trains_as_a_module(conversations_file, tmp_path, embedded_path):
     """A few PLoRA steps on the embedded SmolLM2 itself, through `python -m` as a user runs it."""
     out = tmp_path / "embedded"
-    cmd = [
-        sys.executable,
-        "-m",
-        "fastchat_plora.train_plora",
-        "--data_path",
-        str(conversations_file),
-        "--output_dir",
-        str(out),
-        "--max_steps",
-        "4",
-        "--unload_every_steps",
-        "2",
-        "--lora_r",
-        "2",
-        "--per_device_train_batch_size",
-        "2",
-        "--model_max_length",
-        "128",
-        "--save_strategy",
-        "no",
-        "--logging_steps",
-        "1",
-    ]
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    done = run_module("fastchat_plora.train_plora", "--data_path", str(conversations_file), "--output_dir", str(out),
+                      "--max_steps", "4", "--unload_every_steps", "2", "--lora_r", "2", "--per_device_train_batch_size",
+                      "2", "--model_max_length", "128", "--save_strategy", "no", "--logging_steps", "1")  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert "rank of W_T - W_0 for model.layers.0.self_attn.q_proj: 4" in done.stdout
     summary = json.loads((out / "summary.json").read_text())

@@ -1,8 +1,8 @@
 """Benchmark: our LoRA/PLoRA/full training path against plain HF Trainer + PEFT, same model and data.
 
-    python -m fastchat_plora.bench --data_path data/mix/mix.jsonl [--steps 16 --repeats 2]
-    python -m fastchat_plora.bench --random_tokens 512 [--modes lora,full]
-    python -m fastchat_plora.bench --data_path data/mix/mix.jsonl --allocator mimalloc
+    python -m bench.speed --data_path data/mix/mix.jsonl [--steps 16 --repeats 2]
+    python -m bench.speed --random_tokens 512 [--modes lora,full]
+    python -m bench.speed --data_path data/mix/mix.jsonl --allocator mimalloc
 
 Each run is a separate process (so peak memory is that run's own), launched by this script in
 rotating order (baseline, lora, plora, full, baseline, ...) so machine noise hits all alike. It
@@ -25,7 +25,7 @@ import time
 
 from transformers import TrainerCallback
 
-from fastchat_plora.allocator import preload_env
+from bench.allocator import preload_env
 
 PAPER_STAGE_STEPS = 200
 MODES = ("baseline", "lora", "plora", "full")
@@ -56,11 +56,12 @@ def run_one(mode: str, args: argparse.Namespace) -> dict:
     from transformers import DataCollatorForSeq2Seq, Trainer
     from transformers import TrainingArguments as HfTrainingArguments
 
-    from fastchat_plora.args import ALL_LINEAR, LoraArguments, TrainingArguments
-    from fastchat_plora.callback import PLoRACallback, PLoRATrainer
+    from fastchat_plora.adapters import add_adapters
+    from fastchat_plora.args import ALL_LINEAR, TrainingArguments
+    from fastchat_plora.callback import PLoRACallback
     from fastchat_plora.models import load_model, load_tokenizer, resolve_model_path
-    from fastchat_plora.plora import next_stage
-    from fastchat_plora.train_plora import add_adapters
+    from fastchat_plora.plora import StagePlan, next_stage
+    from fastchat_plora.trainer import PLoRATrainer
 
     torch.manual_seed(0)
     path = resolve_model_path(args.model_name_or_path)
@@ -75,11 +76,12 @@ def run_one(mode: str, args: argparse.Namespace) -> dict:
         )  # fmt: skip
         model = get_peft_model(model, config)
     elif mode != "full":
-        model = add_adapters(model, LoraArguments(lora_r=args.lora_r, lora_dropout=args.lora_dropout), seed=0)
+        model = add_adapters(model, r=args.lora_r, alpha=16, targets=ALL_LINEAR.split(","), dropout=args.lora_dropout,
+                             generator=StagePlan().generator(0))  # fmt: skip
     # Every mode trains on the same steps x batch conversations, one epoch: the same work, batched
     # as each mode batches it (random and padded for the baseline, grouped by length for ours).
     dataset = bench_dataset(args, tokenizer)
-    stage_steps = args.unload_every_steps if mode == "plora" else None
+    plan = StagePlan(steps=args.unload_every_steps if mode == "plora" else None)
     clock = StepClock()
     with tempfile.TemporaryDirectory() as out:
         common = dict(
@@ -91,9 +93,9 @@ def run_one(mode: str, args: argparse.Namespace) -> dict:
             trainer = Trainer(model=model, args=HfTrainingArguments(**common), train_dataset=dataset,
                               data_collator=collator, callbacks=[clock])  # fmt: skip
         else:
-            callbacks = [clock] if mode == "full" else [PLoRACallback(stage_steps), clock]
+            callbacks = [clock] if mode == "full" else [PLoRACallback(plan), clock]
             trainer = PLoRATrainer(model=model, args=TrainingArguments(**common), train_dataset=dataset,
-                                   data_collator=collator, callbacks=callbacks, stage_steps=stage_steps)  # fmt: skip
+                                   data_collator=collator, callbacks=callbacks, plan=plan)  # fmt: skip
         trainer.train()
         (t0, n0), (t1, n1) = clock.marks[0], clock.marks[-1]
         step_seconds = (t1 - t0) / args.steps
@@ -101,7 +103,7 @@ def run_one(mode: str, args: argparse.Namespace) -> dict:
         if mode != "baseline" and mode != "full":
             for stage in range(args.unload_repeats):
                 start = time.perf_counter()
-                next_stage(model, trainer.optimizer, stage, seed=0)
+                next_stage(model, plan=plan, stage=stage, optimizer=trainer.optimizer)
                 unload_seconds.append(time.perf_counter() - start)
     return {
         "mode": mode,
@@ -178,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     runs = []
     for i in range(args.repeats):
         for mode in modes:
-            cmd = [sys.executable, "-m", "fastchat_plora.bench", *argv, "--worker", mode]
+            cmd = [sys.executable, "-m", "bench.speed", *argv, "--worker", mode]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
             runs.append(json.loads(out.strip().splitlines()[-1]))
             print(f"run {i + 1}/{args.repeats} {mode}: {runs[-1]['tokens_per_s']:.1f} tokens/s, "

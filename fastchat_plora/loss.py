@@ -1,4 +1,11 @@
-"""The LM head and cross-entropy in chunks of rows, never holding every position's logits at once.
+"""The training loss: cross-entropy on the labeled positions only, and the LM head in chunks.
+
+Most positions of a chat example (system prompt, question, padding) carry no label, and the LM head
+of a small model with a large vocabulary (SmolLM2: 49k x 576, a fifth of the parameters) costs much
+of each step. `labeled_loss` runs the head on labeled positions only: the same loss and gradients
+as the full logits, with less work and memory.
+
+The head itself runs in chunks of rows, never holding every position's logits at once.
 
 For N labeled positions and a vocabulary of V, the plain ``cross_entropy(head(hidden))`` keeps the
 N x V fp32 log-probabilities for backward and makes two more N x V tensors there: on the embedded
@@ -14,6 +21,9 @@ there); this is the same algorithm in plain PyTorch, for the CPU and for GPUs wi
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+
+from fastchat_plora.data import IGNORE_INDEX
 
 CHUNK_BYTES = 64 * 2**20  # one chunk's fp32 logits
 
@@ -65,3 +75,27 @@ def linear_cross_entropy(
     if chunk_rows is None:
         chunk_rows = max(1, CHUNK_BYTES // (4 * weight.shape[0]))
     return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_rows)
+
+
+def labeled_loss(model: torch.nn.Module, inputs: dict, wrapped: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of the token cross-entropies over the labeled positions, how many there are).
+
+    A model in this process alone (``wrapped`` False; a PEFT model or a plain causal LM) runs its
+    decoder, then the chunked head on exactly the labeled positions. A model wrapped by DDP or
+    DeepSpeed (``wrapped``) must be called through its wrapper, which is what synchronises the
+    gradients, so there the head runs on every position (column) that some row of the batch
+    labels, through the model's own `logits_to_keep`.
+    """
+    features = {k: v for k, v in inputs.items() if k != "labels"}
+    targets = inputs["labels"][:, 1:]
+    keep = targets != IGNORE_INDEX
+    if wrapped:
+        columns = keep.any(dim=0).nonzero().squeeze(1)
+        logits = model(**features, logits_to_keep=columns).logits[keep[:, columns]]
+        return F.cross_entropy(logits.float(), targets[keep], reduction="sum"), keep.sum()
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT's, or the model
+    hidden = causal_lm.get_decoder()(**features).last_hidden_state[:, :-1][keep]
+    head = causal_lm.get_output_embeddings()
+    if type(head) is torch.nn.Linear and head.bias is None:  # not adapted: the chunked head + loss
+        return linear_cross_entropy(hidden, head.weight, targets[keep]), keep.sum()
+    return F.cross_entropy(head(hidden).float(), targets[keep], reduction="sum"), keep.sum()

@@ -5,16 +5,17 @@ heap and raises that threshold (up to 32 MiB) each time a larger mmap'd block is
 few steps most activations live in the heap, interleaved with the small tensors LoRA makes (each
 adapted layer's rank-r output): freed activations leave holes that cannot go back to the system.
 mimalloc keeps blocks of different sizes in separate pages. With it the embedded model's LoRA
-step peaks well under full fine-tuning's; with glibc it does not (README, "Performance").
+step peaks well under full fine-tuning's; with glibc it does not (docs/performance.md).
 GPU memory is the CUDA caching allocator's business and is not affected.
 
 A process chooses its allocator when it starts, so this is used through ``LD_PRELOAD``:
 
-    LD_PRELOAD=$(python -m fastchat_plora.allocator) python -m fastchat_plora.train_plora ...
+    LD_PRELOAD=$(python -m bench.allocator) python -m fastchat_plora.train_plora ...
 
-``eval "$(python -m fastchat_plora.allocator --exports)"`` sets that and mimalloc's settings for a
+``eval "$(python -m bench.allocator --exports)"`` sets that and mimalloc's settings for a
 shell (what `launch/` does with ``PLORA_ALLOCATOR=mimalloc``); the bench takes ``--allocator``.
-mimalloc comes from PyPI as ``cmeel-mimalloc`` (a dependency of this package on Linux).
+mimalloc comes from PyPI as ``cmeel-mimalloc``, in the ``demo`` extra (`pip install -e '.[demo]'`),
+which the quickstart installs.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def preload_env(allocator: str, env: dict[str, str] | None = None) -> dict[str, 
         raise ValueError(f"allocator={allocator!r}: expected system or mimalloc")
     library = mimalloc_library()
     if library is None:
-        raise ValueError("allocator=mimalloc: cmeel-mimalloc is not installed (pip install cmeel-mimalloc)")
+        raise ValueError("allocator=mimalloc: cmeel-mimalloc is not installed (pip install -e '.[demo]')")
     env["LD_PRELOAD"] = ":".join(filter(None, [library, env.get("LD_PRELOAD")]))
     return {**env, **MIMALLOC_ENV}
 

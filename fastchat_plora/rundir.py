@@ -1,0 +1,205 @@
+"""The run directory: what training writes into OUTPUT_DIR, where, and how it is found again.
+
+One module owns the contract, written down for readers outside the package in
+docs/run_directory.md (`eval/` reads these files and imports nothing from here):
+
+    OUTPUT_DIR/
+      config.json, model.safetensors, tokenizer files   the final model, a plain HF model directory
+      run_args.json          every argument of the run, plus `base_model`: the model it started from
+      summary.json           steps, stages, losses, the rank probe (written last: a finished run)
+      log_history.json       the Trainer's logs
+      unload_events.jsonl    one line per unload: step, stage, final, momentum, update norms
+      stages/stage-NNNNN.safetensors   each merge's factors (c_t B_t, A_t), metadata stage and step
+      checkpoint-N/          complete once trainer_state.json is in it (the Trainer writes it last)
+        plora_state.safetensors   LoRA/PLoRA only: merged base weights, live adapter, Kahan buffers
+      .staging/              a checkpoint being written; renamed to checkpoint-N when complete
+      wandb_run.json         the W&B run that trained the model, for evaluation to log into
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+EVENTS_FILE = "unload_events.jsonl"
+STAGES_DIR = "stages"
+RUN_ARGS_FILE = "run_args.json"
+SUMMARY_FILE = "summary.json"
+LOG_HISTORY_FILE = "log_history.json"
+WANDB_RUN_FILE = "wandb_run.json"
+STATE_FILE = "plora_state.safetensors"  # inside a LoRA/PLoRA checkpoint-N
+STAGING_DIR = ".staging"
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+COMPLETE_MARKER = "trainer_state.json"  # written last by the HF Trainer
+PEFT_PREFIX = "base_model.model."  # PEFT's module names over the wrapped model's own
+
+
+class RunDirError(ValueError):
+    """A run directory, or a checkpoint in one, that cannot be used as asked; the message says why."""
+
+
+def is_complete(checkpoint: Path) -> bool:
+    return (Path(checkpoint) / COMPLETE_MARKER).is_file()
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    """The optimizer step a complete checkpoint was saved at."""
+    return json.loads((Path(checkpoint) / COMPLETE_MARKER).read_text())["global_step"]
+
+
+class RunDir:
+    """One training run's output directory (see the module docstring for its files)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def checkpoint(self, step: int) -> Path:
+        return self.path / f"checkpoint-{step}"
+
+    def checkpoints(self) -> list[tuple[int, Path]]:
+        """(step, path) of every complete checkpoint, in step order; half-written ones never count."""
+        found = []
+        for path in self.path.glob("checkpoint-*"):
+            match = CHECKPOINT_RE.match(path.name)
+            if match and path.is_dir() and is_complete(path):
+                found.append((int(match.group(1)), path))
+        return sorted(found)
+
+    def latest_checkpoint(self) -> Path | None:
+        found = self.checkpoints()
+        return found[-1][1] if found else None
+
+    def rotate(self, keep: int | None) -> None:
+        """Keep the newest ``keep`` checkpoint directories (by step number); None or 0 keeps all."""
+        if not keep or keep <= 0:
+            return
+        steps = sorted(int(m.group(1)) for p in self.path.glob("checkpoint-*") if (m := CHECKPOINT_RE.match(p.name)))
+        for step in steps[:-keep]:
+            shutil.rmtree(self.checkpoint(step))
+
+    def resume_point(self, value: str | bool | None) -> Path | None:
+        """The checkpoint ``--resume_from_checkpoint value`` names: a path, or `latest` (also `true`)."""
+        if not value or str(value).lower() == "false":
+            return None
+        if str(value).lower() in ("latest", "true"):
+            found = self.latest_checkpoint()
+            if found is None:
+                raise RunDirError(f"resume_from_checkpoint={value}: no complete checkpoint in {self.path}")
+            return found
+        path = Path(value)
+        if not path.is_dir():
+            raise RunDirError(f"resume_from_checkpoint={value}: no such directory")
+        if not is_complete(path):
+            raise RunDirError(f"resume_from_checkpoint={value}: not a complete checkpoint (no {COMPLETE_MARKER})")
+        return path
+
+    def check_writable(self, overwrite: bool, resuming: bool) -> None:
+        """Refuse to write into a directory that already holds a run, unless resuming or overwriting."""
+        if self.path.is_file():
+            raise RunDirError(f"output_dir={str(self.path)!r} is a file")
+        holds_run = self.path.is_dir() and any(os.scandir(self.path))
+        if holds_run and not (overwrite or resuming):
+            raise RunDirError(
+                f"output_dir={str(self.path)!r} already holds a run; pass --overwrite_output_dir or "
+                "--resume_from_checkpoint"
+            )
+
+    # -- unload events and stage factors ---------------------------------------------------------
+    @property
+    def events_file(self) -> Path:
+        return self.path / EVENTS_FILE
+
+    def append_event(self, event: dict) -> None:
+        with self.events_file.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(event) + "\n")
+
+    def events(self) -> list[dict]:
+        if not self.events_file.is_file():
+            return []
+        return [json.loads(line) for line in self.events_file.read_text().splitlines() if line.strip()]
+
+    def stage_file(self, stage: int) -> Path:
+        return self.path / STAGES_DIR / f"stage-{stage:05d}.safetensors"
+
+    def save_stage(self, stage: int, step: int, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """One stage's merged factors, layer -> (c * B, A), under the plain model's module names.
+
+        A skipped stage (non-finite adapters) gets an empty file, which keeps the numbering.
+        """
+        tensors = {}
+        for name, (b, a) in factors.items():
+            name = name.removeprefix(PEFT_PREFIX)
+            tensors[f"{name}.lora_A"], tensors[f"{name}.lora_B"] = a.contiguous(), b.contiguous()
+        path = self.stage_file(stage)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file(tensors, str(tmp), metadata={"stage": str(stage), "step": str(step)})
+        tmp.replace(path)
+
+    def stage_files(self) -> list[Path]:
+        return sorted((self.path / STAGES_DIR).glob("stage-*.safetensors"))
+
+    def load_stages(self) -> list[dict[str, torch.Tensor]]:
+        """Every stage's factors in stage order; fails unless they are stages 0..T-1 without gaps."""
+        paths = self.stage_files()
+        if not paths:
+            raise RunDirError(f"{self.path / STAGES_DIR} holds no stage factors (train with --save_stage_factors True)")
+        stages = [int(p.stem.split("-")[1]) for p in paths]
+        if stages != list(range(len(paths))):
+            raise RunDirError(
+                f"{self.path / STAGES_DIR}: stage files {stages} are not 0..{len(paths) - 1} without gaps"
+            )
+        result = []
+        for path in paths:
+            with safe_open(str(path), "pt") as f:
+                result.append({key: f.get_tensor(key) for key in f.keys()})  # noqa: SIM118 (not a dict)
+        return result
+
+    def trim(self, resume: Path | None) -> None:
+        """Forget what came after the checkpoint a run resumes from: all of it for a fresh run.
+
+        Unload events and stage files after its step go; earlier ones are the resumed run's own.
+        """
+        last_step = checkpoint_step(resume) if resume is not None else None
+        if last_step is None:
+            self.events_file.unlink(missing_ok=True)
+        elif self.events_file.is_file():
+            kept = [e for e in self.events() if e["step"] <= last_step]
+            self.events_file.write_text("".join(json.dumps(e) + "\n" for e in kept))
+        for path in self.stage_files():
+            with safe_open(str(path), "pt") as f:
+                step = int(f.metadata()["step"])
+            if last_step is None or step > last_step:
+                path.unlink()
+
+    # -- run files ------------------------------------------------------------------------------
+    def write_run_files(self, args: dict, summary: dict, log_history: list[dict]) -> None:
+        """The run's arguments, logs and summary; the summary last, since it marks a finished run."""
+        (self.path / RUN_ARGS_FILE).write_text(json.dumps(args, indent=2, default=str))
+        (self.path / LOG_HISTORY_FILE).write_text(json.dumps(log_history, indent=1))
+        (self.path / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+
+    def summary(self) -> dict | None:
+        """The summary of a finished run, None while it has not finished."""
+        path = self.path / SUMMARY_FILE
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def run_args(self) -> dict:
+        path = self.path / RUN_ARGS_FILE
+        if not path.is_file():
+            raise RunDirError(f"{self.path} has no {RUN_ARGS_FILE}: not a finished run of this project")
+        return json.loads(path.read_text())
+
+    def base_model(self) -> str | None:
+        """The model the run started from, as the run resolved it; None means the embedded default
+        (an older run that did not record the resolved path)."""
+        args = self.run_args()
+        return args.get("base_model") or args.get("model_name_or_path")

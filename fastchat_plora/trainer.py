@@ -1,0 +1,139 @@
+"""The HF Trainer, adapted to PLoRA: a schedule that restarts every stage, the labeled-positions
+loss, checkpoints written atomically with what exact resume needs, and real tokens/s in the logs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+from peft import PeftModel
+from safetensors.torch import save_file
+from torch.optim.lr_scheduler import LambdaLR
+from transformers import Trainer
+
+from fastchat_plora.checkpoint import load_plora_state, plora_state
+from fastchat_plora.distributed import is_partitioned
+from fastchat_plora.loss import labeled_loss
+from fastchat_plora.plora import LocalWeights, StagePlan, periodic_lr_lambda
+from fastchat_plora.rundir import STAGING_DIR, STATE_FILE, RunDir
+
+
+class PLoRATrainer(Trainer):
+    """The HF Trainer with a learning-rate schedule that restarts at every stage of ``plan``.
+
+    The configured schedule is built for one stage's length and wrapped to repeat, so each stage
+    re-runs it from its start (constant for the paper; warmup + cosine per stage as an option).
+    ``weights`` is the unload's weight access; its compensation buffers go into checkpoints.
+    """
+
+    def __init__(
+        self,
+        *args,
+        plan: StagePlan | None = None,
+        weights: LocalWeights | None = None,
+        labeled_logits_only: bool = True,
+        **kwargs,
+    ):
+        super().__init__(*args, **kwargs)
+        self.plan = plan or StagePlan()
+        self.weights = weights or LocalWeights()
+        self.labeled_logits_only = labeled_logits_only
+        self._tokens = 0  # real (non-padding) tokens since the last log, a tensor once counting starts
+        self._last_log = time.perf_counter()
+
+    @property
+    def compensation(self) -> dict:
+        return self.weights.compensation if self.weights.compensation is not None else {}
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        mask = inputs.get("attention_mask")
+        self._tokens = self._tokens + (mask.sum() if mask is not None else inputs["input_ids"].numel())
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Training logs also carry the stage index and the real (non-padding) tokens per second.
+
+        Each process counts its own tokens, times the number of processes for the job's figure
+        (data-parallel ranks see batches of like size). The count stays on the device between
+        logs, so counting costs no synchronisation.
+        """
+        if "loss" in logs:
+            now = time.perf_counter()
+            tokens = int(self._tokens) * self.args.world_size
+            logs["tokens_per_second"] = round(tokens / max(now - self._last_log, 1e-9), 1)
+            self._tokens, self._last_log = 0, now
+            if self.plan.steps:
+                logs["plora_stage"] = self.plan.stage_of(self.state.global_step)
+        super().log(logs, start_time)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Cross-entropy over the labeled positions only (`loss.labeled_loss`), normalised as the Trainer's.
+
+        Under ``--use_liger_kernel`` the model's own forward gets the labels: liger's fused head +
+        loss there does better on a GPU.
+        """
+        own_loss = not self.labeled_logits_only or self.args.use_liger_kernel
+        if own_loss or return_outputs or "labels" not in inputs:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss, count = labeled_loss(model, inputs, wrapped=model is not self.accelerator.unwrap_model(model))
+        if num_items_in_batch is None:  # the Trainer then divides by the accumulation steps itself
+            return loss / count
+        loss = loss / num_items_in_batch  # the count over all accumulated micro-batches (and devices)
+        if self.args.average_tokens_across_devices:
+            loss = loss * self.accelerator.num_processes  # as the Trainer does for a model's own loss
+        return loss
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        # The base weights hold the merged stages, which PEFT's adapter loading knows nothing of.
+        if isinstance(self.model, PeftModel):
+            load_plora_state(Path(resume_from_checkpoint), self.model, self.compensation)
+        else:
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Write checkpoint-N into a staging directory, then rename it into place.
+
+        A crash during the save leaves the earlier checkpoints as they were, and a checkpoint-N
+        that exists is complete. Rotation (`--save_total_limit`) runs after the rename.
+        """
+        run = RunDir(self.args.output_dir)
+        staging = run.path / STAGING_DIR
+        name = f"checkpoint-{self.state.global_step}"
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)
+        self.accelerator.wait_for_everyone()  # under DeepSpeed every rank writes its shards into staging
+        self.args.output_dir = str(staging)
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.output_dir = str(run.path)
+        if isinstance(self.model, PeftModel) and (self.args.should_save or is_partitioned(self.model)):
+            # The merged base weights, which PEFT's adapter checkpoint knows nothing of. Under ZeRO-3
+            # every rank joins the gather; only the saving process writes.
+            state = plora_state(self.model, self.compensation)
+            if self.args.should_save:
+                save_file(state, str(staging / name / STATE_FILE))
+        self.accelerator.wait_for_everyone()  # every rank's shards are written before the rename
+        if not self.args.should_save:
+            return
+        final = run.checkpoint(self.state.global_step)
+        if final.exists():  # the same step saved again (e.g. a stop request on a save step)
+            shutil.rmtree(final)
+        os.replace(staging / name, final)
+        shutil.rmtree(staging, ignore_errors=True)
+        run.rotate(self.args.save_total_limit)
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        if self.plan.steps is None or self.lr_scheduler is not None:
+            return super().create_scheduler(num_training_steps, optimizer)
+        optimizer = optimizer or self.optimizer
+        one_stage = super().create_scheduler(min(self.plan.steps, num_training_steps), optimizer)
+        if not isinstance(one_stage, LambdaLR):
+            raise ValueError(
+                f"lr_scheduler_type={self.args.lr_scheduler_type!r} cannot restart per stage; "
+                "use constant, linear, cosine or their warmup variants"
+            )
+        self.lr_scheduler = LambdaLR(optimizer, [periodic_lr_lambda(f, self.plan.steps) for f in one_stage.lr_lambdas])
+        return self.lr_scheduler

@@ -1,0 +1,97 @@
+"""The run directory contract: checkpoint finding and rotation, resume points, trimming a resumed run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastchat_plora.rundir import RunDir, RunDirError
+
+
+def checkpoint(run: RunDir, step: int, complete: bool = True) -> Path:
+    path = run.checkpoint(step)
+    path.mkdir(parents=True)
+    if complete:
+        (path / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    return path
+
+
+def test_latest_checkpoint_is_the_complete_one_with_the_largest_step(tmp_path):
+    run = RunDir(tmp_path)
+    assert run.latest_checkpoint() is None
+    checkpoint(run, 9)
+    checkpoint(run, 10)  # 10 sorts before 9 as text
+    checkpoint(run, 12, complete=False)  # half-written: never counts
+    (tmp_path / "checkpoint-x").mkdir()
+    assert run.latest_checkpoint() == tmp_path / "checkpoint-10"
+    assert [step for step, _ in run.checkpoints()] == [9, 10]
+
+
+def test_rotation_keeps_the_newest_by_step(tmp_path):
+    run = RunDir(tmp_path)
+    for step in (2, 10, 4, 8):
+        checkpoint(run, step)
+    run.rotate(2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-10", "checkpoint-8"]
+    run.rotate(None)
+    assert len(list(tmp_path.iterdir())) == 2
+
+
+def test_resume_point_finds_latest_or_names_the_problem(tmp_path):
+    run = RunDir(tmp_path / "run")
+    assert run.resume_point(None) is None and run.resume_point("False") is None
+    with pytest.raises(RunDirError, match="no complete checkpoint"):
+        run.resume_point("latest")
+    done = checkpoint(run, 4)
+    assert run.resume_point("latest") == done == run.resume_point("true")
+    half = checkpoint(run, 6, complete=False)
+    with pytest.raises(RunDirError, match="not a complete checkpoint"):
+        run.resume_point(str(half))
+    with pytest.raises(RunDirError, match="no such directory"):
+        run.resume_point(str(tmp_path / "nowhere"))
+
+
+def test_a_run_is_not_written_over_unless_asked(tmp_path):
+    run = RunDir(tmp_path)
+    run.check_writable(overwrite=False, resuming=False)  # empty: fine
+    (tmp_path / "model.safetensors").write_text("an earlier run")
+    with pytest.raises(RunDirError, match="already holds a run"):
+        run.check_writable(overwrite=False, resuming=False)
+    run.check_writable(overwrite=True, resuming=False)
+    run.check_writable(overwrite=False, resuming=True)
+
+
+def test_a_resumed_run_forgets_events_and_stages_after_its_checkpoint(tmp_path):
+    run = RunDir(tmp_path)
+    for stage, step in enumerate((2, 4)):
+        run.save_stage(stage, step, {"base_model.model.x": (torch.zeros(3, 1), torch.zeros(1, 2))})
+        run.append_event({"step": step, "stage": stage})
+    run.trim(checkpoint(run, 3))
+    assert [p.name for p in run.stage_files()] == ["stage-00000.safetensors"]
+    assert run.events() == [{"step": 2, "stage": 0}]
+    assert set(run.load_stages()[0]) == {"x.lora_A", "x.lora_B"}  # the plain model's names
+    run.trim(None)  # a fresh run
+    assert run.stage_files() == [] and run.events() == []
+
+
+def test_stage_files_with_a_gap_are_refused(tmp_path):
+    run = RunDir(tmp_path)
+    with pytest.raises(RunDirError, match="no stage factors"):
+        run.load_stages()
+    run.save_stage(0, 2, {})
+    run.save_stage(2, 6, {})
+    with pytest.raises(RunDirError, match=r"\[0, 2\]"):
+        run.load_stages()
+
+
+def test_base_model_is_the_one_the_run_resolved(tmp_path):
+    run = RunDir(tmp_path)
+    with pytest.raises(RunDirError, match="run_args.json"):
+        run.base_model()
+    (tmp_path / "run_args.json").write_text(json.dumps({"model_name_or_path": None, "base_model": "/cache/smol"}))
+    assert run.base_model() == "/cache/smol"
+    (tmp_path / "run_args.json").write_text(json.dumps({"model_name_or_path": "org/model"}))  # an older run
+    assert run.base_model() == "org/model"

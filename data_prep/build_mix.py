@@ -51,7 +51,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "--max_bad_fraction", type=float, default=0.01, help="fail when a source has more malformed rows"
     )
     parser.add_argument(
-        "--expect_paper_counts", action="store_true", help="fail unless every source has the paper's count"
+        "--expect_paper_counts",
+        action="store_true",
+        help="print every source's count against the paper's, before and after the filter; fail unless the "
+        "converted sources have the paper's counts",
     )
     return parser.parse_args(argv)
 
@@ -65,13 +68,28 @@ def read_sources(data_dir: Path | None, tulu_path: Path | None) -> tuple[dict, d
     return examples, tallies
 
 
-def check_counts(examples: dict, tallies: dict[str, Tally], max_bad: float, expect_paper: bool) -> None:
+def check_malformed(tallies: dict[str, Tally], max_bad: float) -> None:
     for name, tally in tallies.items():
         bad = len(tally.malformed)
         if tally.read and bad / tally.read > max_bad:
             raise SourceError(f"{name}: {bad} of {tally.read} rows malformed, over --max_bad_fraction {max_bad}")
-        if expect_paper and len(examples[name]) != SOURCES[name].PAPER_COUNT:
-            raise SourceError(f"{name}: {len(examples[name])} conversations, the paper has {SOURCES[name].PAPER_COUNT}")
+
+
+def check_paper_counts(examples: dict, mix: list[dict]) -> None:
+    """Print each source's count against the paper's before and after the filter; fail on a mismatch before it.
+
+    The paper's counts are of the converted sources; the duplicate and contamination filter is ours,
+    so what it drops is reported, not held against the sources.
+    """
+    kept = Counter(r["source"] for r in mix)
+    print(f"{'source':12s} {'paper':>7s} {'before filter':>14s} {'after filter':>13s}")
+    for name, source_examples in examples.items():
+        print(f"{name:12s} {SOURCES[name].PAPER_COUNT:7d} {len(source_examples):14d} {kept[name]:13d}")
+    print(f"{'total':12s} {PAPER_TOTAL:7d} {sum(map(len, examples.values())):14d} {len(mix):13d}")
+    for name, source_examples in examples.items():
+        paper = SOURCES[name].PAPER_COUNT
+        if len(source_examples) != paper:
+            raise SourceError(f"{name}: {len(source_examples)} conversations before the filter, the paper has {paper}")
 
 
 def filter_examples(examples: dict, tallies: dict[str, Tally], tests: dict[str, set[str]]) -> list[dict]:
@@ -111,8 +129,10 @@ def build(args: argparse.Namespace) -> dict:
     data_dir = None if args.data_dir == "hub" else Path(args.data_dir) if args.data_dir else default_data_dir()
     tulu_path = Path(args.tulu_path) if args.tulu_path else None
     examples, tallies = read_sources(data_dir, tulu_path)
-    check_counts(examples, tallies, args.max_bad_fraction, args.expect_paper_counts)
+    check_malformed(tallies, args.max_bad_fraction)
     mix = filter_examples(examples, tallies, test_questions(data_dir))
+    if args.expect_paper_counts:
+        check_paper_counts(examples, mix)  # before anything is written
     if not mix:
         raise SourceError("the mix is empty: every conversation was dropped")
     random.Random(args.seed).shuffle(mix)

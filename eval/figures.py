@@ -6,8 +6,8 @@
 
 Loss curves read each run's `log_history.json`; sweeps read `sweep.json` from eval/sweep.py;
 spectra read the `rank.json` files of `python -m fastchat_plora.analyze`.
-Both smooth with a trailing moving average of the given window (the paper: 150 for losses, 10 for
-the checkpoint curves).
+Losses are smoothed over a trailing window of optimizer steps (the paper: 150), checkpoint curves
+over a trailing window of checkpoints (the paper: 10).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
 METRICS = {
-    "gsm8k": lambda m: 100 * m["gsm8k"]["exact_match_flexible"],
+    "gsm8k": lambda m: 100 * m["gsm8k"]["exact_match_strict"],
     "gsm8k_loss": lambda m: m["gsm8k"]["heldout_loss"]["loss"],
     "mmlu": lambda m: 100 * m["mmlu"]["Average"],
     "arc_easy": lambda m: 100 * m["arc_easy"]["acc"],
@@ -38,6 +38,22 @@ def moving_average(values: list[float], window: int) -> list[float]:
         if i >= window:
             total -= values[i - window]
         out.append(total / min(i + 1, window))
+    return out
+
+
+def step_average(steps: list[int], values: list[float], window: int) -> list[float]:
+    """At each logged step s, the mean of the values logged at steps in (s - window, s].
+
+    The window is counted in optimizer steps, whatever the logging interval: the paper's 150-step
+    smoothing averages 15 entries of a run that logs every 10 steps.
+    """
+    out, start, total = [], 0, 0.0
+    for i, (step, value) in enumerate(zip(steps, values)):
+        total += value
+        while steps[start] <= step - window:
+            total -= values[start]
+            start += 1
+        out.append(total / (i + 1 - start))
     return out
 
 
@@ -58,8 +74,9 @@ def plot_loss(runs: list[Path], smooth: int, output: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     for run in runs:
         history = [e for e in json.loads((run / "log_history.json").read_text()) if "loss" in e]
-        ax.plot([e["step"] for e in history], moving_average([e["loss"] for e in history], smooth), label=label(run))
-    ax.set(xlabel="step", ylabel=f"training loss (moving average, {smooth})", title="Training loss")
+        steps = [e["step"] for e in history]
+        ax.plot(steps, step_average(steps, [e["loss"] for e in history], smooth), label=label(run))
+    ax.set(xlabel="step", ylabel=f"training loss (mean over {smooth} steps)", title="Training loss")
     ax.legend()
     fig.tight_layout()
     fig.savefig(output, dpi=120)
@@ -112,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="figure", required=True)
     loss = sub.add_parser("loss", help="training loss by run (Figure 2)")
     loss.add_argument("--runs", nargs="+", required=True)
-    loss.add_argument("--smooth", type=int, default=150)
+    loss.add_argument("--smooth", type=int, default=150, help="moving-average window in optimizer steps (paper: 150)")
     loss.add_argument("--output", required=True)
     sweep = sub.add_parser("sweep", help="a metric against step (Figures 3 and 4)")
     sweep.add_argument("--sweeps", nargs="+", required=True)

@@ -23,10 +23,18 @@ class ModelPathError(ValueError):
     """A model path that holds no model we can load."""
 
 
+def load_tokenizer_for_eval(path: str | Path):
+    """The tokenizer of a model directory, a checkpoint-N (the Trainer saves it there) or a hub id."""
+    if not looks_like_hub_id(path) and not Path(path).is_dir():
+        raise ModelPathError(f"model directory not found: {path}")
+    return AutoTokenizer.from_pretrained(str(path))
+
+
 def load_for_eval(path: str | Path, device: str = "cpu"):
+    """The model at ``path`` as a plain causal LM in eval mode (a checkpoint-N folded into one)."""
     if looks_like_hub_id(path):  # e.g. the base model of a paper-scale table row
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
-        return model.to(device).eval(), AutoTokenizer.from_pretrained(str(path))
+        return model.to(device).eval()
     path = Path(path)
     if not path.is_dir():
         raise ModelPathError(f"model directory not found: {path}")
@@ -36,8 +44,7 @@ def load_for_eval(path: str | Path, device: str = "cpu"):
         model = fold_checkpoint(path)
     else:
         raise ModelPathError(f"{path} holds no model (no config.json, nor a LoRA/PLoRA checkpoint)")
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    return model.to(device).eval(), tokenizer
+    return model.to(device).eval()
 
 
 def looks_like_hub_id(path: str | Path) -> bool:

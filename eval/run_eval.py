@@ -8,7 +8,8 @@
 Reads a plain HF model directory (what train_plora.py writes, or a full-fine-tuning checkpoint) or a
 LoRA/PLoRA checkpoint-N (its adapter and merged base weights are folded into the base model). The
 tasks are the harness YAMLs in eval/tasks/, reading local files under --data_dir (default
-../shared/data when it exists). Prompts are wrapped in the model's chat template, as in training.
+../shared/data when it exists). Prompts are wrapped in the training format: the chat template the
+trained model's tokenizer carries, or `--conv_template` for a base model without one (eval/prompts.py).
 Writes OUT/results.json (metrics per task, MMLU by category, the GSM8K held-out loss) and
 OUT/samples_<task>.jsonl; all files are written to temporary names first and renamed at the end,
 so a failed evaluation never overwrites finished results.
@@ -28,7 +29,8 @@ from pathlib import Path
 
 import torch
 
-from eval.loading import ModelPathError, load_for_eval
+from eval.loading import ModelPathError, load_for_eval, load_tokenizer_for_eval
+from eval.prompts import PromptFormat, PromptFormatError, harness_lm
 from eval.tasks.utils import extract_flexible, extract_strict, gsm8k_gold
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
@@ -58,8 +60,16 @@ def mmlu_subjects() -> dict[str, str]:
     return SUBJECTS
 
 
-def local_config(yaml_name: str, data_dir: Path, subject: str | None = None) -> dict:
+CHOICE_FORMATS = {  # how a multiple-choice answer (MMLU, ARC) is scored: the log-likelihood of ...
+    "text": "{{choices}}",  # "B. text", the reply format training used for ARC
+    "letter": "{{letters}}",  # the letter alone, lm-evaluation-harness's standard MMLU scoring
+}
+
+
+def local_config(yaml_name: str, data_dir: Path, subject: str | None = None, choice_format: str = "text") -> dict:
     config = load_task_yaml(TASKS_DIR / yaml_name)
+    if config["output_type"] == "multiple_choice":
+        config["doc_to_choice"] = CHOICE_FORMATS[choice_format]
     files = config["dataset_kwargs"]["data_files"]
     for split, rel in files.items():
         rel = rel.replace("SUBJECT", subject) if subject else rel
@@ -72,18 +82,20 @@ def local_config(yaml_name: str, data_dir: Path, subject: str | None = None) -> 
     return config
 
 
-def task_configs(tasks: list[str], data_dir: Path) -> list[dict]:
+def task_configs(tasks: list[str], data_dir: Path, choice_format: str = "text") -> list[dict]:
     configs = []
     for task in tasks:
         if task == "mmlu":
-            configs += [local_config("mmlu_local_template.yaml", data_dir, s) for s in sorted(mmlu_subjects())]
+            configs += [
+                local_config("mmlu_local_template.yaml", data_dir, s, choice_format) for s in sorted(mmlu_subjects())
+            ]
         else:
-            configs.append(local_config(f"{task}_local.yaml", data_dir))
+            configs.append(local_config(f"{task}_local.yaml", data_dir, choice_format=choice_format))
     return configs
 
 
-def heldout_loss(model, tokenizer, data_dir: Path, limit: int | None) -> dict:
-    """Mean per-token loss of the gold GSM8K test answers, given the question in the chat template.
+def heldout_loss(model, prompt_format: PromptFormat, data_dir: Path, limit: int | None) -> dict:
+    """Mean per-token loss of the gold GSM8K test answers, given the question in the training format.
 
     A continuous signal that still moves where a small model's accuracy is near zero.
     """
@@ -92,11 +104,8 @@ def heldout_loss(model, tokenizer, data_dir: Path, limit: int | None) -> dict:
     total, tokens = 0.0, 0
     device = next(model.parameters()).device
     for row in rows:
-        prompt = tokenizer.apply_chat_template(
-            [{"role": "user", "content": row["question"]}], tokenize=False, add_generation_prompt=True
-        )
-        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        answer_ids = tokenizer(row["answer"], add_special_tokens=False)["input_ids"]
+        prompt_ids = prompt_format.encode(prompt_format.render([{"role": "user", "content": row["question"]}]))
+        answer_ids = prompt_format.tokenizer(row["answer"], add_special_tokens=False)["input_ids"]
         ids = torch.tensor([prompt_ids + answer_ids], device=device)
         labels = ids.clone()
         labels[0, : len(prompt_ids)] = -100
@@ -212,27 +221,29 @@ def evaluate(args: argparse.Namespace) -> dict:
     if not data_dir.is_dir():
         raise EvalError(f"data directory not found: {data_dir} (pass --data_dir)")
     harness_tasks = [t for t in tasks if t != LOSS_TASK]
-    configs = task_configs(harness_tasks, data_dir)  # checks every data file before the model loads
+    configs = task_configs(harness_tasks, data_dir, args.choice_format)  # every data file checked before loading
     wants_loss = "gsm8k" in tasks or LOSS_TASK in tasks
     gsm8k_test = data_dir / "gsm8k" / "test.jsonl"
     if wants_loss and not gsm8k_test.is_file():
         raise EvalError(f"missing local data for the held-out loss: {gsm8k_test} (pass --data_dir)")
-    model, tokenizer = load_for_eval(args.model_path, args.device)
-
-    from lm_eval.models.huggingface import HFLM
+    # the prompt format is settled before the model loads: a model without one fails at once
+    prompt_format = PromptFormat(load_tokenizer_for_eval(args.model_path), args.conv_template, str(args.model_path))
+    model = load_for_eval(args.model_path, args.device)
 
     start = time.perf_counter()
     raw, metrics = {"samples": {}}, {}
     if harness_tasks:
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size, device=args.device)
+        lm = harness_lm(model, prompt_format, batch_size=args.batch_size, device=args.device)
         raw, metrics = run_harness(lm, harness_tasks, configs, args.limit, args.mmlu_limit)
     if wants_loss:
-        metrics.setdefault("gsm8k", {})["heldout_loss"] = heldout_loss(model, tokenizer, data_dir, args.limit)
+        metrics.setdefault("gsm8k", {})["heldout_loss"] = heldout_loss(model, prompt_format, data_dir, args.limit)
     results = {
         "model_path": str(args.model_path),
         "tasks": tasks,
         "limit": args.limit,
         "mmlu_limit": args.mmlu_limit,
+        "conv_template": args.conv_template,
+        "choice_format": args.choice_format,
         "data_dir": str(data_dir),
         "metrics": metrics,
         "seconds": round(time.perf_counter() - start, 1),
@@ -310,6 +321,16 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output_dir", required=True, help="where results.json and samples_<task>.jsonl go")
     parser.add_argument("--batch_size", default="16", help="harness batch size (an int, or 'auto')")
     parser.add_argument(
+        "--choice_format", choices=sorted(CHOICE_FORMATS), default="text",
+        help="MMLU and ARC: score the 'B. text' reply (text, the training format) or the letter alone (letter, "
+        "lm-evaluation-harness's standard)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--conv_template", default=None,
+        help="FastChat template to prompt in (e.g. vicuna_v1.1), for a base model without a chat template; "
+        "a trained model carries its training format in its tokenizer",
+    )  # fmt: skip
+    parser.add_argument(
         "--wandb", choices=("auto", "off"), default="auto",
         help="auto: log the metrics to the W&B run that trained the model, when there was one",
     )  # fmt: skip
@@ -322,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     try:
         results = evaluate(args)
-    except (EvalError, ModelPathError) as e:
+    except (EvalError, ModelPathError, PromptFormatError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(results["metrics"], indent=2))

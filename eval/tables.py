@@ -45,9 +45,12 @@ def run_labels(model_path: Path) -> dict:
 
 
 def metric_columns(metrics: dict) -> dict:
+    """GSM8K's headline is the strict match after '####' (the paper's base-model 0.0 is this score),
+    the last-number match beside it; MMLU and ARC are accuracies in the results' choice format."""
     row = {}
-    if "exact_match_flexible" in metrics.get("gsm8k", {}):
-        row["GSM8K"] = 100 * metrics["gsm8k"]["exact_match_flexible"]
+    if "exact_match_strict" in metrics.get("gsm8k", {}):
+        row["GSM8K"] = 100 * metrics["gsm8k"]["exact_match_strict"]
+        row["GSM8K flexible"] = 100 * metrics["gsm8k"]["exact_match_flexible"]
     if "heldout_loss" in metrics.get("gsm8k", {}):
         row["GSM8K loss"] = metrics["gsm8k"]["heldout_loss"]["loss"]
     for key in MMLU:
@@ -89,6 +92,17 @@ def build_rows(results_files: list[Path], table: int) -> list[dict]:
                 row[f"{metric} std"] = statistics.stdev(values)
         rows.append(row)
     return rows
+
+
+def scoring_note(results_files: list[Path]) -> str:
+    """One line saying how the table's scores were computed, from the results files themselves."""
+    formats = sorted({json.loads(p.read_text()).get("choice_format", "text") for p in results_files})
+    choice = {"text": '"A. text" replies', "letter": "the answer letter alone"}
+    mc = " and ".join(choice.get(f, f) for f in formats) + (" (mixed across rows)" if len(formats) > 1 else "")
+    return (
+        "GSM8K: exact match of the number after '####' (strict), the last number beside it (flexible); "
+        f"GSM8K loss: mean loss of the gold answers; MMLU, ARC: accuracy, scoring {mc}."
+    )
 
 
 def fmt(value) -> str:
@@ -138,9 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = build_rows([Path(p) for p in args.results], args.table)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"table{args.table}.md").write_text(to_markdown(rows))
+    markdown = to_markdown(rows) + "\n" + scoring_note([Path(p) for p in args.results]) + "\n"
+    (out / f"table{args.table}.md").write_text(markdown)
     (out / f"table{args.table}.csv").write_text(to_csv(rows))
-    print(to_markdown(rows))
+    print(markdown)
     return 0
 
 

@@ -59,7 +59,10 @@ class DataArguments:
     )
     conv_template: str | None = field(
         default=None,
-        metadata={"help": "FastChat template name (e.g. vicuna_v1.1). Default: the tokenizer's chat template."},
+        metadata={
+            "help": "FastChat template name (e.g. vicuna_v1.1, FastChat's format for LLaMA); the saved tokenizer then "
+            "carries a chat template that renders the same. Default: the tokenizer's own chat template."
+        },
     )
     model_max_length: int = field(default=1024, metadata={"help": "Conversations are truncated to this many tokens."})
     max_train_samples: int | None = field(
@@ -261,6 +264,12 @@ def validate(model_args, data_args, lora_args, plora_args, training_args) -> Non
         raise ConfigError(
             "attn_implementation=flash_attention_2 needs flash-attn on a CUDA GPU "
             "(pip install -e '.[gpu]' then pip install flash-attn --no-build-isolation); use auto or sdpa"
+        )
+    if mode == "full" and model_args.model_dtype != "float32" and not training_args.deepspeed:
+        raise ConfigError(
+            f"finetune_mode=full with model_dtype={model_args.model_dtype}: AdamW would update those weights "
+            "with no fp32 master copy (small updates round away); use --model_dtype float32 --bf16 True "
+            "(fp32 weights, bf16 autocast) or --deepspeed configs/ds/zero3.json (fp32 master weights)"
         )
     if data_args.data_path is None:
         raise ConfigError("data_path is required (a ShareGPT JSON/JSONL file; see data_prep/)")

@@ -9,7 +9,7 @@ is updated as
 
 and the adapter starts the next stage from
 
-    m = 0:                 A ~ init (Gaussian or Kaiming-uniform),  B = 0
+    m = 0:                 A ~ init (see INIT_METHODS),  B = 0
     m > 0, mode "preserve": A <- sqrt(m) * A,  B <- sqrt(m) * B   (adapter keeps m * Delta)
     m > 0, mode "paper":    A <- m * A,        B <- m * B         (adapter keeps m^2 * Delta)
 
@@ -34,8 +34,13 @@ import torch
 from peft.tuners.lora import LoraLayer
 
 MOMENTUM_MODES = ("preserve", "paper")
-INIT_METHODS = ("gaussian", "kaiming")
-DEFAULT_INIT = "gaussian"
+# How A is drawn at stage 0 and at every re-draw (A is r x fan_in):
+#   kaiming_gaussian   N(0, 1 / (3 fan_in)): the variance of PEFT's default init, as a Gaussian (the paper
+#                      says Gaussian; its FastChat + PEFT framework drew A with PEFT's default)
+#   kaiming_uniform    PEFT's default itself: Kaiming-uniform with a = sqrt(5), U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+#   gaussian_1_over_r  N(0, 1 / r^2): PEFT's init_lora_weights="gaussian"
+INIT_METHODS = ("kaiming_gaussian", "kaiming_uniform", "gaussian_1_over_r")
+DEFAULT_INIT = "kaiming_gaussian"
 
 
 class NonFiniteAdapterError(RuntimeError):
@@ -90,10 +95,13 @@ def scaled_update(a: torch.Tensor, b: torch.Tensor, scale: float, fan_in_fan_out
 def fresh_lora_a(shape: torch.Size, generator: torch.Generator, method: str = DEFAULT_INIT) -> torch.Tensor:
     """A new A drawn on the CPU in fp32, so its values depend on neither device nor dtype."""
     fresh = torch.empty(shape, dtype=torch.float32)
-    if method == "gaussian":
-        fresh.normal_(mean=0.0, std=1.0 / shape[0], generator=generator)
-    elif method == "kaiming":
+    rank, fan_in = shape
+    if method == "kaiming_gaussian":
+        fresh.normal_(mean=0.0, std=1.0 / math.sqrt(3 * fan_in), generator=generator)
+    elif method == "kaiming_uniform":
         torch.nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=generator)
+    elif method == "gaussian_1_over_r":
+        fresh.normal_(mean=0.0, std=1.0 / rank, generator=generator)
     else:
         raise ValueError(f"unknown init method {method!r}; expected one of {INIT_METHODS}")
     return fresh

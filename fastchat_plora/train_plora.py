@@ -21,7 +21,7 @@ from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
 from fastchat_plora.adapters import add_adapters, probe_layer
 from fastchat_plora.args import parse_args, validate
 from fastchat_plora.callback import PLoRACallback, PreemptionCallback, RestoreBaseWeights, StopRequest, TrainingDiverged
-from fastchat_plora.data import load_conversations, make_dataset
+from fastchat_plora.data import load_conversations, make_dataset, use_prompt_format
 from fastchat_plora.distributed import (
     check_only_adapters_train,
     check_supported,
@@ -55,6 +55,7 @@ def main(model_args, data_args, lora_args, plora_args, training_args) -> dict:
 
     model_path = resolve_model_path(model_args.model_name_or_path)
     tokenizer = load_tokenizer(model_path, data_args.model_max_length)
+    use_prompt_format(tokenizer, data_args.conv_template, model_path)  # before any model loads: a missing format fails
     model = load_model(model_path, model_args.model_dtype, model_args.attn_implementation)
     adapted = plora_args.finetune_mode != "full"
     plan = stage_plan(lora_args, plora_args, training_args)

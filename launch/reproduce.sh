@@ -63,10 +63,14 @@ main() {
             run "$PY" -m eval.tables --table "${experiment#table}" --output_dir "$out" --results "${evals[@]}" ;;
         figure2)
             run "$PY" -m eval.figures loss --runs "${runs[@]}" --smooth "$LOSS_SMOOTH" --output "$out/figure2.png" ;;
-        figure3 | figure4)
-            for dir in "${runs[@]}"; do sweep "$dir"; done
-            run "$PY" -m eval.figures sweep --sweeps "${runs[@]/%//sweep}" --metric "$SWEEP_METRIC" \
-                --window "$SWEEP_WINDOW" --output "$out/$experiment.png" ;;
+        figure3 | figure4)  # Figure 3 is swept on GSM8K and MMLU, Figure 4 on GSM8K
+            local metrics=("$SWEEP_METRIC") metric
+            if [ "$experiment" = figure3 ]; then metrics+=(mmlu); fi
+            for dir in "${runs[@]}"; do sweep "$dir" "${metrics[@]}"; done
+            for metric in "${metrics[@]}"; do
+                run "$PY" -m eval.figures sweep --sweeps "${runs[@]/%//sweep}" --metric "$metric" \
+                    --window "$SWEEP_WINDOW" --output "$out/${experiment}_$metric.png"
+            done ;;
     esac
 }
 
@@ -75,15 +79,15 @@ set_scale() {
         LAUNCH=("$PY" -m fastchat_plora.train_plora)
         BASE_MODEL="$("$PY" -c 'from fastchat_plora.models import resolve_model_path; print(resolve_model_path(None))')"
         EVAL_FLAGS=(--tasks gsm8k_loss,arc_easy,arc_challenge,mmlu --limit 100 --mmlu_limit 1)
-        SWEEP_FLAGS=(--tasks gsm8k_loss --limit 100)
-        SWEEP_METRIC=gsm8k_loss SWEEP_WINDOW=3 LOSS_SMOOTH=8
+        SWEEP_FLAGS=(--limit 100 --mmlu_limit 1)
+        SWEEP_METRIC=gsm8k_loss SWEEP_WINDOW=3 LOSS_SMOOTH=8  # steps: the paper's 150 of 2,520 per epoch, scaled
         SCALE_FLAGS=()
     else
         LAUNCH=(torchrun --nproc_per_node "$NPROC" -m fastchat_plora.train_plora)
         BASE_MODEL=huggyllama/llama-7b
         EVAL_FLAGS=(--tasks gsm8k,mmlu,arc_easy,arc_challenge)
-        SWEEP_FLAGS=(--tasks gsm8k)
-        SWEEP_METRIC=gsm8k SWEEP_WINDOW=10 LOSS_SMOOTH=150
+        SWEEP_FLAGS=()
+        SWEEP_METRIC=gsm8k SWEEP_WINDOW=10 LOSS_SMOOTH=150  # the paper's windows: 10 checkpoints, 150 steps
         local accumulation_steps
         accumulation_steps="$(accumulation "$NPROC")"
         SCALE_FLAGS=(--per_device_train_batch_size "$PER_DEVICE" --gradient_accumulation_steps "$accumulation_steps")
@@ -111,8 +115,12 @@ evaluate() {  # model, output dir
     run "$PY" -m eval.run_eval --model_path "$1" "${EVAL_FLAGS[@]}" "${DATA_FLAGS[@]}" --output_dir "$2"
 }
 
-sweep() {  # run dir
-    run "$PY" -m eval.sweep --run_dir "$1" --output_dir "$1/sweep" "${SWEEP_FLAGS[@]}" "${DATA_FLAGS[@]}"
+sweep() {  # run dir, metrics (gsm8k, gsm8k_loss, mmlu)
+    local dir="$1" tasks
+    shift
+    tasks="$(IFS=,; echo "$*")"
+    run "$PY" -m eval.sweep --run_dir "$dir" --output_dir "$dir/sweep" --tasks "$tasks" "${SWEEP_FLAGS[@]}" \
+        "${DATA_FLAGS[@]}"
 }
 
 rank() {  # run dir

@@ -3,6 +3,7 @@ the flags of a tiny training run, and one way to start the project's modules in 
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -127,3 +128,16 @@ def tiny_plora_run(tiny_model_dir, tmp_path_factory) -> Path:
                         unload_momentum=0.3, learning_rate=1e-2, save_strategy="no"))  # fmt: skip
     assert code == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir_without_template(tmp_path_factory, tokenizer) -> Path:
+    """A tiny random LLaMA whose tokenizer has no chat template, as LLaMA-7B's has none."""
+    path = tmp_path_factory.mktemp("tiny_llama_no_template")
+    tiny_llama(vocab_size=len(tokenizer)).save_pretrained(path)
+    bare = copy.deepcopy(tokenizer)
+    bare.chat_template = None
+    bare.save_pretrained(path)
+    for leftover in path.glob("chat_template.*"):  # what the embedded model's tokenizer files carried
+        leftover.unlink()
+    return path

@@ -44,6 +44,10 @@ def test_small_configs_mirror_the_paper_ones():
     assert runs("small") == runs("paper")
 
 
+def runs_of(scale: str, experiment: str) -> dict[str, dict]:
+    return {p.stem: load_config(p) for p in CONFIGS if p.parent.name == scale and p.stem.startswith(experiment)}
+
+
 def test_paper_configs_hold_the_papers_settings(tmp_path):
     config = load_config(REPO / "configs" / "paper" / "table1_plora_r8.yaml")
     assert config["learning_rate"] == 1e-4 and config["adam_beta2"] == 0.99
@@ -52,8 +56,35 @@ def test_paper_configs_hold_the_papers_settings(tmp_path):
     assert config["lora_target_modules"].split(",") == [
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
     ]  # fmt: skip
-    momenta = {load_config(p)["unload_momentum"] for p in (REPO / "configs" / "paper").glob("figure2_*.yaml")}
-    assert momenta == {0, 0.1, 0.3}
+    for name, run in runs_of("paper", "").items():
+        assert run["conv_template"] == "vicuna_v1.1", name  # LLaMA-7B has no chat template: FastChat's format
+        assert run["train_sampling_strategy"] == "random", name  # batches drawn as FastChat draws them
+
+
+@pytest.mark.parametrize("scale", ["small", "paper"])
+def test_every_config_names_its_init_and_momentum_rule(scale):
+    for name, run in runs_of(scale, "").items():
+        assert run["lora_init"] == "kaiming_gaussian", name  # the variance of PEFT's default, as the paper's framework
+        if run.get("unload_momentum", 0) > 0:
+            assert run["momentum_mode"] == "paper", name  # the paper's literal rule
+
+
+@pytest.mark.parametrize("scale", ["small", "paper"])
+def test_table3_is_the_papers_seven_columns(scale):
+    columns = {(c["finetune_mode"], c["lora_r"], c["lora_target_modules"].count(",") + 1, c["learning_rate"])
+               for c in runs_of(scale, "table3").values()}  # fmt: skip
+    assert columns == {("lora", 1, 2, 2e-5), ("lora", 1, 2, 1e-4), ("lora", 1, 2, 5e-4), ("lora", 8, 2, 1e-4),
+                       ("lora", 1, 7, 1e-4), ("plora", 8, 7, 1e-4), ("plora", 8, 7, 5e-4)}  # fmt: skip
+
+
+@pytest.mark.parametrize("scale", ["small", "paper"])
+def test_the_figures_have_lora_and_plora_at_both_ranks_and_figure2_a_lora_curve(scale):
+    for figure in ("figure3", "figure4"):
+        runs = {(c["finetune_mode"], c["lora_r"]) for c in runs_of(scale, figure).values()}
+        assert runs == {("lora", 1), ("lora", 8), ("plora", 1), ("plora", 8)}, figure
+    figure2 = runs_of(scale, "figure2").values()
+    assert {c["unload_momentum"] for c in figure2 if c["finetune_mode"] == "plora"} == {0, 0.1, 0.3}
+    assert [c["finetune_mode"] for c in figure2].count("lora") == 1
 
 
 def test_include_reads_shared_settings_and_lets_the_file_override(tmp_path):

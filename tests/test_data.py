@@ -27,7 +27,7 @@ CONVERSATION = [
 
 def unmasked_text(tokenizer, renderer, messages) -> tuple[str, str]:
     rendered = renderer.render(messages)
-    enc = tokenize(rendered, tokenizer, renderer.adds_special_tokens)
+    enc = tokenize(rendered, tokenizer)
     labels = mask_labels(enc["input_ids"], enc["offsets"], rendered.assistant_spans)
     decoded = tokenizer.decode([t for t in labels if t != IGNORE_INDEX])
     spans = "".join(rendered.text[s:e] for s, e in rendered.assistant_spans)
@@ -48,7 +48,7 @@ def test_labels_with_a_fastchat_template(tokenizer):
 def test_system_prompt_and_user_text_never_trained(tokenizer):
     renderer = ChatRenderer(tokenizer)
     rendered = renderer.render(CONVERSATION)
-    enc = tokenize(rendered, tokenizer, False)
+    enc = tokenize(rendered, tokenizer)
     labels = mask_labels(enc["input_ids"], enc["offsets"], rendered.assistant_spans)
     masked = tokenizer.decode([t for t, lab in zip(enc["input_ids"], labels) if lab == IGNORE_INDEX])
     assert "You answer in one line." in masked and "Name a prime." in masked

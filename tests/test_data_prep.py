@@ -216,9 +216,15 @@ def test_existing_mix_survives_a_failed_build(data_dir, tmp_path):
 
 
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="the local mirror ../shared/data is not here")
-def test_mix_from_the_local_mirror(tmp_path):
+def test_mix_from_the_local_mirror(tmp_path, capsys):
     assert build(SHARED_DATA, tmp_path / "mix") == 0
     s = json.loads((tmp_path / "mix" / "manifest.json").read_text())["sources"]
     assert s["gsm8k"]["converted"] == 7473 and s["arc"]["converted"] == 3370
     assert s["orca"]["stand_in"] and s["code_alpaca"]["stand_in"] and not s["gsm8k"]["stand_in"]
+    capsys.readouterr()
     assert build(SHARED_DATA, tmp_path / "paper", "--expect_paper_counts") == 2
+    out, err = capsys.readouterr()
+    assert "gsm8k           7473           7473          7473" in out  # paper, before and after the filter
+    assert "arc             3370           3370          3352" in out  # 18 dropped by the filter
+    assert "orca: 284 conversations before the filter, the paper has 29683" in err
+    assert not (tmp_path / "paper").exists()

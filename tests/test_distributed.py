@@ -98,8 +98,8 @@ def test_two_processes_train_what_one_trains(setup, launcher, extra, port):
 
     # the mid-run checkpoint is readable on its own and is the model a single process had at that step
     ids = torch.arange(3, 30).unsqueeze(0)
-    ours, _ = load_for_eval(out / "checkpoint-3")
-    theirs, _ = load_for_eval(reference / "checkpoint-3")
+    ours = load_for_eval(out / "checkpoint-3")
+    theirs = load_for_eval(reference / "checkpoint-3")
     with torch.no_grad():
         torch.testing.assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, atol=2e-4, rtol=1e-3)
 
@@ -164,7 +164,7 @@ def test_a_rank_that_dies_ends_the_job_and_leaves_the_last_checkpoint_readable(s
     os.kill(int(workers[-1]), signal.SIGKILL)  # one rank dies without warning
     assert job.wait(timeout=300) != 0
     last = max(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))
-    model, _ = load_for_eval(out / f"checkpoint-{last}")  # complete: staged, then renamed into place
+    model = load_for_eval(out / f"checkpoint-{last}")  # complete: staged, then renamed into place
     assert not (out / "summary.json").exists()
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=torch.arange(3, 20).unsqueeze(0)).logits).all()

@@ -111,6 +111,17 @@ class StubLM(LM):
 
 
 @pytest.mark.parametrize("right,expected", [(True, 1.0), (False, 0.0)])
+def test_letter_scoring_offers_the_letters_alone(data_dir, right, expected):
+    configs = run_eval.task_configs(["mmlu", "arc_easy"], data_dir, choice_format="letter")
+    assert {c["doc_to_choice"] for c in configs} == {"{{letters}}"}
+    mmlu = [c for c in configs if c["task"].startswith("mmlu")]
+    raw, metrics = run_eval.run_harness(StubLM(data_dir, right), ["mmlu"], mmlu, None)
+    assert metrics["mmlu"]["Average"] == expected
+    continuations = {arg[1].strip() for s in raw["samples"]["mmlu_local_anatomy"] for arg in s["arguments"]}
+    assert continuations == set("ABCD")
+
+
+@pytest.mark.parametrize("right,expected", [(True, 1.0), (False, 0.0)])
 def test_stub_scores_all_or_nothing(data_dir, right, expected):
     tasks = list(run_eval.TASKS)
     raw, metrics = run_eval.run_harness(StubLM(data_dir, right), tasks, run_eval.task_configs(tasks, data_dir), None)
@@ -150,8 +161,8 @@ def test_a_plora_checkpoint_folds_into_the_model_it_was(tiny_model_dir, tmp_path
     # Momentum 0 and a checkpoint at the last step: the final unload merges exactly the live adapter.
     out = tmp_path / "run"
     train_tiny_plora(tiny_model_dir, tmp_path, out, "--max_steps", "3", "--save_steps", "3", "--learning_rate", "1e-2")
-    folded, _ = load_for_eval(out / "checkpoint-3")
-    final, _ = load_for_eval(out)
+    folded = load_for_eval(out / "checkpoint-3")
+    final = load_for_eval(out)
     ids = torch.arange(20).unsqueeze(0)
     with torch.no_grad():
         torch.testing.assert_close(folded(ids).logits, final(ids).logits, rtol=1e-5, atol=1e-5)
@@ -221,11 +232,13 @@ def test_table1_from_hand_written_results(tmp_path):
     ]
     assert tables.main(["--table", "1", "--results", *map(str, files), "--output_dir", str(tmp_path / "t")]) == 0
     assert (tmp_path / "t" / "table1.md").read_text() == (
-        "| method | r | trainable params | seeds | GSM8K | GSM8K loss | MMLU Humanities | MMLU STEM"
+        "| method | r | trainable params | seeds | GSM8K | GSM8K flexible | GSM8K loss | MMLU Humanities | MMLU STEM"
         " | MMLU Social Sciences | MMLU Other | MMLU Average | ARC-E | ARC-C |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
-        "| base |  |  | 1 | 12.50 | 0.75 | 30.00 | 25.00 | 40.00 | 50.00 | 36.00 | 50.00 | 25.00 |\n"
-        "| PLoRA | 8 | 4.19M | 1 | 12.50 | 0.75 | 30.00 | 25.00 | 40.00 | 50.00 | 36.00 | 50.00 | 25.00 |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "| base |  |  | 1 | 10.00 | 12.50 | 0.75 | 30.00 | 25.00 | 40.00 | 50.00 | 36.00 | 50.00 | 25.00 |\n"
+        "| PLoRA | 8 | 4.19M | 1 | 10.00 | 12.50 | 0.75 | 30.00 | 25.00 | 40.00 | 50.00 | 36.00 | 50.00 | 25.00 |\n"
+        "\nGSM8K: exact match of the number after '####' (strict), the last number beside it (flexible); "
+        'GSM8K loss: mean loss of the gold answers; MMLU, ARC: accuracy, scoring "A. text" replies.\n'
     )
     assert tables.main(["--table", "2", "--results", str(files[1]), "--output_dir", str(tmp_path / "t")]) == 0
     assert "| PLoRA | q,v | 8 | 4800 samples |" in (tmp_path / "t" / "table2.md").read_text()
@@ -268,3 +281,14 @@ def test_sweep_is_resumable_and_figures_are_pngs(tiny_model_dir, data_dir, tmp_p
         png = tmp_path / f"{args[0]}.png"
         assert figures.main([*args, "--output", str(png)]) == 0
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_loss_smoothing_counts_its_window_in_steps_not_entries():
+    from eval.figures import step_average
+
+    steps = list(range(10, 310, 10))  # logged every 10 steps
+    values = [float(s) for s in steps]
+    smoothed = step_average(steps, values, 150)
+    assert smoothed[0] == 10.0 and smoothed[1] == 15.0  # the start of the run: what there is
+    assert smoothed[-1] == sum(values[-15:]) / 15  # 150 steps = the last 15 entries
+    assert step_average(steps, values, 10) == values  # a window of one logging interval: no smoothing

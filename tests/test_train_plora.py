@@ -136,6 +136,9 @@ BAD_INPUTS = [
     (["--unload_every_steps", "2", "--lora_dropout", "1.5"], "lora_dropout=1.5"),
     (["--unload_every_steps", "2", "--max_train_samples", "0"], "max_train_samples=0"),
     (["--unload_every_steps", "2", "--attn_implementation", "flash"], "attn_implementation='flash'"),
+    (["--unload_every_steps", "2", "--lora_init", "gaussian"], "lora_init='gaussian'"),
+    (["--unload_every_steps", "2", "--conv_template", "one_shot"], "conv_template='one_shot'"),
+    (["--finetune_mode", "full", "--model_dtype", "bfloat16"], "no fp32 master copy; use --model_dtype float32 --bf16"),
     pytest.param(
         ["--unload_every_steps", "2", "--attn_implementation", "flash_attention_2"],
         "needs flash-attn",

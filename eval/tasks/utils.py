@@ -63,6 +63,7 @@ def arc_process_docs(dataset):
         return {
             "query": lettered(question["stem"], texts),
             "choices": [f"{LETTERS[i]}. {t}" for i, t in enumerate(texts)],
+            "letters": list(LETTERS[: len(texts)]),
             "gold": labels.index(row["answerKey"]),
         }
 
@@ -77,6 +78,7 @@ def mmlu_process_docs(dataset):
         return {
             "query": lettered(str(row["question"]), texts),
             "choices": [f"{k}. {t}" for k, t in zip("ABCD", texts)],
+            "letters": list("ABCD"),
             "gold": "ABCD".index(row["answer"].strip()),
         }
 

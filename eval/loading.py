@@ -25,9 +25,20 @@ class ModelPathError(ValueError):
 
 def load_tokenizer_for_eval(path: str | Path):
     """The tokenizer of a model directory, a checkpoint-N (the Trainer saves it there) or a hub id."""
-    if not looks_like_hub_id(path) and not Path(path).is_dir():
-        raise ModelPathError(f"model directory not found: {path}")
+    if not looks_like_hub_id(path):
+        check_model_dir(Path(path))
     return AutoTokenizer.from_pretrained(str(path))
+
+
+def check_model_dir(path: Path) -> None:
+    if not path.is_dir():
+        raise ModelPathError(f"model directory not found: {path}")
+    if not (path / "config.json").is_file() and not is_checkpoint(path):
+        raise ModelPathError(f"{path} holds no model (no config.json, nor a LoRA/PLoRA checkpoint)")
+
+
+def is_checkpoint(path: Path) -> bool:
+    return (path / "adapter_config.json").is_file() and (path / "plora_state.safetensors").is_file()
 
 
 def load_for_eval(path: str | Path, device: str = "cpu"):
@@ -36,14 +47,11 @@ def load_for_eval(path: str | Path, device: str = "cpu"):
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
         return model.to(device).eval()
     path = Path(path)
-    if not path.is_dir():
-        raise ModelPathError(f"model directory not found: {path}")
+    check_model_dir(path)
     if (path / "config.json").is_file():
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    elif (path / "adapter_config.json").is_file() and (path / "plora_state.safetensors").is_file():
-        model = fold_checkpoint(path)
     else:
-        raise ModelPathError(f"{path} holds no model (no config.json, nor a LoRA/PLoRA checkpoint)")
+        model = fold_checkpoint(path)
     return model.to(device).eval()
 
 

@@ -1,10 +1,11 @@
 """Load what training wrote as a plain causal LM: a model directory or a LoRA/PLoRA checkpoint-N.
 
 The checkpoint format is a file contract with training, docs/run_directory.md (no training code
-is imported):
-`adapter_config.json` (PEFT) names the base model, `plora_state.safetensors` holds for every
-adapted layer its merged base weight (`base::<name>`) and live adapter (`lora_A::`, `lora_B::`).
-The model the run was training at that step is base + scaling * B @ A on those weights.
+is imported): `adapter_config.json` (PEFT) names the base model W_0, `plora_state.safetensors` holds
+every adapted layer's live adapter (`lora_A::<name>`, `lora_B::<name>`) and, in its metadata, the
+stage files in RUN/stages/ merged so far. The model the run was training at that step is
+W_0 + sum over those stages of (c B) @ A + scaling * B @ A. (Checkpoints of the earlier layout hold
+the merged base weight itself, `base::<name>`, in place of W_0 and the stages.)
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -63,16 +65,31 @@ def looks_like_hub_id(path: str | Path) -> bool:
 
 def fold_checkpoint(path: Path):
     adapter = json.loads((path / "adapter_config.json").read_text())
-    base = adapter["base_model_name_or_path"]
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(adapter["base_model_name_or_path"], dtype=torch.float32)
     scaling = adapter["lora_alpha"] / adapter["r"]
     state = load_file(str(path / "plora_state.safetensors"))
+    with safe_open(str(path / "plora_state.safetensors"), "pt") as f:
+        metadata = f.metadata() or {}
+    stages = [load_file(str(stage_file(path.parent, s))) for s, _ in json.loads(metadata.get("stages", "[]"))]
     with torch.no_grad():
-        for key, base_weight in state.items():
+        for key in state:
             kind, name = key.split("::", 1)
-            if kind != "base":
+            if kind != "lora_A":
                 continue
-            weight = model.get_submodule(name.removeprefix(PEFT_PREFIX)).weight
-            delta = state[f"lora_B::{name}"].float() @ state[f"lora_A::{name}"].float() * scaling
-            weight.copy_(base_weight.float() + delta)
+            layer = name.removeprefix(PEFT_PREFIX)
+            weight = model.get_submodule(layer).weight
+            if f"base::{name}" in state:  # the earlier layout: the merged weight itself
+                weight.copy_(state[f"base::{name}"].float())
+            for stage in stages:  # a skipped stage's file is empty
+                if f"{layer}.lora_A" in stage:
+                    weight.add_(stage[f"{layer}.lora_B"].float() @ stage[f"{layer}.lora_A"].float())
+            weight.add_(state[f"lora_B::{name}"].float() @ state[f"lora_A::{name}"].float() * scaling)
     return model
+
+
+def stage_file(run_dir: Path, stage: int) -> Path:
+    """RUN/stages/stage-NNNNN.safetensors (docs/run_directory.md)."""
+    path = run_dir / "stages" / f"stage-{stage:05d}.safetensors"
+    if not path.is_file():
+        raise ModelPathError(f"{path} is missing: the checkpoint stands on it (evaluate checkpoints inside their run)")
+    return path

@@ -122,8 +122,9 @@ class PLoRAArguments:
     save_stage_factors: bool = field(
         default=True,
         metadata={
-            "help": "Keep each merge's factors in OUTPUT_DIR/stages/ (fp32; per stage, the adapter's size) so "
-            "python -m fastchat_plora.export can write the whole update as one LoRA adapter."
+            "help": "Keep each merge's factors in OUTPUT_DIR/stages/ (fp32; per stage, the adapter's size): "
+            "checkpoints resume by replaying them, and python -m fastchat_plora.export writes the whole update "
+            "as one LoRA adapter from them."
         },
     )
     max_bad_stages: int = field(
@@ -302,6 +303,11 @@ def validate(model_args, data_args, lora_args, plora_args, training_args) -> Non
             raise ConfigError(f"unload_momentum={plora_args.unload_momentum}: must be in [0, 1)")
         if plora_args.momentum_mode not in MOMENTUM_MODES:
             raise ConfigError(f"momentum_mode={plora_args.momentum_mode!r}: expected one of {MOMENTUM_MODES}")
+    if mode != "full" and not plora_args.save_stage_factors and training_args.save_strategy != "no":
+        raise ConfigError(
+            "save_stage_factors=False with checkpoints: a LoRA/PLoRA checkpoint replays the stage files on resume; "
+            "keep --save_stage_factors True or pass --save_strategy no"
+        )
     if plora_args.merge_compensation not in ("auto", "on", "off"):
         raise ConfigError(f"merge_compensation={plora_args.merge_compensation!r}: expected auto, on or off")
     if plora_args.max_bad_stages < 1:

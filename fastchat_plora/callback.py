@@ -12,7 +12,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from fastchat_plora.checkpoint import load_merged_base_weights
+from fastchat_plora.checkpoint import restore_base_weights
 from fastchat_plora.plora import LOCAL, LocalWeights, StagePlan, UnloadReport, next_stage
 from fastchat_plora.rundir import RunDir
 
@@ -58,15 +58,14 @@ class PreemptionCallback(TrainerCallback):
 
 
 class RestoreBaseWeights(TrainerCallback):
-    """DeepSpeed resume: after the Trainer loads DeepSpeed's checkpoint (adapters, optimizer), restore the
-    merged base weights, which that checkpoint leaves out as frozen parameters."""
+    """DeepSpeed resume: after the Trainer loads DeepSpeed's checkpoint (adapters, optimizer), bring the
+    base weights to the checkpoint's merges (which that checkpoint leaves out as frozen parameters)."""
 
-    def __init__(self, checkpoint: Path, weights: LocalWeights):
-        self.checkpoint, self.weights = checkpoint, weights
+    def __init__(self, checkpoint: Path, weights: LocalWeights, base_checksum: str):
+        self.checkpoint, self.weights, self.base_checksum = checkpoint, weights, base_checksum
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        compensation = self.weights.compensation if self.weights.compensation is not None else {}
-        load_merged_base_weights(self.checkpoint, model, compensation)
+        restore_base_weights(self.checkpoint, model, self.weights, self.base_checksum)
 
 
 class PLoRACallback(TrainerCallback):
@@ -109,7 +108,7 @@ class PLoRACallback(TrainerCallback):
         report = next_stage(model, plan=self.plan, stage=stage, optimizer=optimizer, weights=self.weights, final=final)
         self._record(state, stage, report, final)
         if self.save_stage_factors and self.run is not None and state.is_world_process_zero:
-            self.run.save_stage(stage, state.global_step, report.factors)
+            self.run.save_stage(stage, state.global_step, report.factors, final=final)
         if not report.skipped:
             self.bad_stages = 0
             return

@@ -134,6 +134,9 @@ class ZeroWeights(LocalWeights):
     def shape(self, param: torch.Tensor) -> torch.Size:
         return param.ds_shape if hasattr(param, "ds_shape") else param.shape
 
+    def compute_device(self, param: torch.Tensor) -> torch.device:
+        return torch.device("cpu")  # `read` gathers the fp32 master onto the CPU
+
     def whole(self, weight: torch.Tensor) -> contextlib.AbstractContextManager:
         return gathered([weight], modifier_rank=0)
 

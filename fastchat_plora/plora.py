@@ -82,16 +82,6 @@ def stage_generator(seed: int, stage: int) -> torch.Generator:
     return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
-def scaled_update(a: torch.Tensor, b: torch.Tensor, scale: float, fan_in_fan_out: bool = False) -> torch.Tensor:
-    """scale * B @ A in fp32, transposed for layers that store their weight as (in, out).
-
-    PEFT's ``get_delta_weight`` computes in the adapter's dtype; exact merging in bf16/fp16 runs
-    needs fp32, so the two-line product is written here.
-    """
-    delta = (b.float() @ a.float()) * scale
-    return delta.T if fan_in_fan_out else delta
-
-
 def fresh_lora_a(shape: torch.Size, generator: torch.Generator, method: str = DEFAULT_INIT) -> torch.Tensor:
     """A new A drawn on the CPU in fp32, so its values depend on neither device nor dtype."""
     fresh = torch.empty(shape, dtype=torch.float32)
@@ -143,6 +133,10 @@ class LocalWeights:
 
     def shape(self, param: torch.Tensor) -> torch.Size:
         return param.shape
+
+    def compute_device(self, param: torch.Tensor) -> torch.device:
+        """Where `read` puts the value of ``param``, and so where the unload computes its product."""
+        return param.device
 
     def whole(self, weight: torch.Tensor) -> contextlib.AbstractContextManager:
         """A block inside which ``weight`` is whole and writes to it last."""
@@ -206,6 +200,22 @@ def needs_compensation(weight: torch.Tensor) -> bool:
     return weight.dtype in (torch.bfloat16, torch.float16)
 
 
+def merge_(layer: LoraLayer, name: str, scaled_b: torch.Tensor, a: torch.Tensor, weights: LocalWeights) -> torch.Tensor:
+    """W += scaled_b @ A for one layer (fp32 product, one rounding, compensated where ``weights`` keeps buffers).
+
+    The one merge both `unload` and `replay` make, so a replay from the stage files gives the bits
+    the run had. PEFT's ``get_delta_weight`` computes in the adapter's dtype; exact merging in
+    bf16/fp16 runs needs fp32, so the product is written here. Returns the merged update.
+    """
+    update = scaled_b.float() @ a.float()
+    if getattr(layer, "fan_in_fan_out", False):  # a weight stored as (in, out)
+        update = update.T
+    base = layer.get_base_layer().weight
+    with weights.whole(base):
+        compensated_add_(base, update.to(base.device), weights.compensation_for(name, base))
+    return update
+
+
 def unload(
     model: torch.nn.Module,
     *,
@@ -248,17 +258,44 @@ def unload(
     with torch.no_grad():
         for name, layer in layers:
             a, b = factors[name]
-            coefficient = (1.0 - momentum) * layer.scaling[adapter_name]
-            merged = scaled_update(a, b, coefficient, getattr(layer, "fan_in_fan_out", False))
-            base = layer.get_base_layer().weight
-            with weights.whole(base):
-                compensated_add_(base, merged.to(base.device), weights.compensation_for(name, base))
-            report.update_norms[name] = merged.norm().item()
-            report.factors[name] = (b.float().cpu() * coefficient, a.float().cpu().clone())
+            scaled_b = b.float() * ((1.0 - momentum) * layer.scaling[adapter_name])
+            report.update_norms[name] = merge_(layer, name, scaled_b, a, weights).norm().item()
+            report.factors[name] = (scaled_b.cpu(), a.float().cpu().clone())
             new_a, new_b = next_factors(a, b, momentum, mode, generator, init)
             weights.write(layer.lora_A[adapter_name].weight, new_a)
             weights.write(layer.lora_B[adapter_name].weight, new_b)
     return report
+
+
+def replay(
+    model: torch.nn.Module,
+    stages: Iterable[dict[str, tuple[torch.Tensor, torch.Tensor]]],
+    *,
+    weights: LocalWeights = LOCAL,
+    adapter_name: str = "default",
+) -> int:
+    """Merge recorded stages into the base weights again, in order: W_0 -> W_t, bit for bit.
+
+    Each stage maps a layer name (PEFT's, as in `UnloadReport.factors`) to the factors its unload
+    merged, (c * B, A). The product is computed on the device the unload computed it on
+    (``weights.compute_device``) through the same `merge_`, and the compensation buffers are
+    rebuilt along the way, so the weights equal those of the run that recorded the stages. A
+    skipped stage (no factors) merges nothing. Returns the number of stages replayed.
+    """
+    layers = dict(lora_layers(model, adapter_name))
+    count = 0
+    with torch.no_grad():
+        for stage in stages:
+            unknown = set(stage) - set(layers)
+            if unknown:
+                raise ValueError(f"a recorded stage adapts layers this model lacks: {sorted(unknown)[0]}")
+            for name, layer in layers.items():
+                if name in stage:
+                    device = weights.compute_device(layer.lora_A[adapter_name].weight)
+                    scaled_b, a = stage[name]
+                    merge_(layer, name, scaled_b.to(device), a.to(device), weights)
+            count += 1
+    return count
 
 
 def adapter_parameters(model: torch.nn.Module, adapter_name: str = "default") -> list[torch.nn.Parameter]:

@@ -11,7 +11,8 @@ docs/run_directory.md (`eval/` reads these files and imports nothing from here):
       unload_events.jsonl    one line per unload: step, stage, final, momentum, update norms
       stages/stage-NNNNN.safetensors   each merge's factors (c_t B_t, A_t), metadata stage and step
       checkpoint-N/          complete once trainer_state.json is in it (the Trainer writes it last)
-        plora_state.safetensors   LoRA/PLoRA only: merged base weights, live adapter, Kahan buffers
+        plora_state.safetensors   LoRA/PLoRA only: the live adapter; metadata: the stage files it
+                                  stands on (index, sha256) and a checksum of W_0
       .staging/              a checkpoint being written; renamed to checkpoint-N when complete
       wandb_run.json         the W&B run that trained the model, for evaluation to log into
 """
@@ -129,10 +130,13 @@ class RunDir:
     def stage_file(self, stage: int) -> Path:
         return self.path / STAGES_DIR / f"stage-{stage:05d}.safetensors"
 
-    def save_stage(self, stage: int, step: int, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def save_stage(
+        self, stage: int, step: int, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], final: bool = False
+    ) -> None:
         """One stage's merged factors, layer -> (c * B, A), under the plain model's module names.
 
-        A skipped stage (non-finite adapters) gets an empty file, which keeps the numbering.
+        A skipped stage (non-finite adapters) gets an empty file, which keeps the numbering. ``final``
+        marks the merge that ends the run (a resumed run that goes on replaces it).
         """
         tensors = {}
         for name, (b, a) in factors.items():
@@ -141,8 +145,15 @@ class RunDir:
         path = self.stage_file(stage)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        save_file(tensors, str(tmp), metadata={"stage": str(stage), "step": str(step)})
+        save_file(tensors, str(tmp), metadata={"stage": str(stage), "step": str(step), "final": str(int(final))})
         tmp.replace(path)
+
+    def stage_factors(self, stage: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """One stage's merged factors, layer -> (c * B, A), under PEFT's module names as the unload reported them."""
+        with safe_open(str(self.stage_file(stage)), "pt") as f:
+            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (not a dict)
+        layers = [key.removesuffix(".lora_A") for key in tensors if key.endswith(".lora_A")]
+        return {PEFT_PREFIX + layer: (tensors[f"{layer}.lora_B"], tensors[f"{layer}.lora_A"]) for layer in layers}
 
     def stage_files(self) -> list[Path]:
         return sorted((self.path / STAGES_DIR).glob("stage-*.safetensors"))
@@ -166,18 +177,19 @@ class RunDir:
     def trim(self, resume: Path | None) -> None:
         """Forget what came after the checkpoint a run resumes from: all of it for a fresh run.
 
-        Unload events and stage files after its step go; earlier ones are the resumed run's own.
+        Unload events and stage files after its step go, and so does a final merge (the run goes on
+        past it); earlier ones are the resumed run's own.
         """
         last_step = checkpoint_step(resume) if resume is not None else None
         if last_step is None:
             self.events_file.unlink(missing_ok=True)
         elif self.events_file.is_file():
-            kept = [e for e in self.events() if e["step"] <= last_step]
+            kept = [e for e in self.events() if e["step"] <= last_step and not e.get("final")]
             self.events_file.write_text("".join(json.dumps(e) + "\n" for e in kept))
         for path in self.stage_files():
             with safe_open(str(path), "pt") as f:
-                step = int(f.metadata()["step"])
-            if last_step is None or step > last_step:
+                metadata = f.metadata()
+            if last_step is None or int(metadata["step"]) > last_step or metadata.get("final") == "1":
                 path.unlink()
 
     # -- run files ------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
 from fastchat_plora.adapters import add_adapters, probe_layer
 from fastchat_plora.args import parse_args, validate
 from fastchat_plora.callback import PLoRACallback, PreemptionCallback, RestoreBaseWeights, StopRequest, TrainingDiverged
+from fastchat_plora.checkpoint import base_checksum, check_resumable
 from fastchat_plora.data import load_conversations, make_dataset, use_prompt_format
 from fastchat_plora.distributed import (
     check_only_adapters_train,
@@ -63,6 +64,9 @@ def main(model_args, data_args, lora_args, plora_args, training_args) -> dict:
     if adapted:
         model = adapt(model, lora_args, plan, check_zero=zero)
     probe = probe_layer(model, lora_args.targets)
+    base_sum = base_checksum(model) if adapted else ""  # identifies W_0 in checkpoints
+    if adapted and resume:
+        check_resumable(resume, model, base_sum)  # before the run directory is touched
     trainable = trainable_parameters(model)
     dataset = make_dataset(conversations, tokenizer, data_args.model_max_length, data_args.conv_template)
     wandb_on = prepare_wandb(training_args.report_to)  # offline without a key; an error without the package
@@ -71,11 +75,12 @@ def main(model_args, data_args, lora_args, plora_args, training_args) -> dict:
     if training_args.process_index == 0:  # one process tidies the shared output directory
         run.trim(resume)
     stop = StopRequest()
-    callbacks = make_callbacks(args, plan, weights, run, stop, resume=resume, wandb=wandb_on, trainable=trainable)
+    callbacks = make_callbacks(args, plan, weights, run, stop, resume=resume, base_sum=base_sum, wandb=wandb_on,
+                               trainable=trainable)  # fmt: skip
     trainer = PLoRATrainer(
         model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer, callbacks=callbacks,
         data_collator=make_collator(tokenizer, training_args.padding_free), plan=plan if adapted else None,
-        weights=weights, labeled_logits_only=training_args.labeled_logits_only,
+        weights=weights, base_checksum=base_sum, labeled_logits_only=training_args.labeled_logits_only,
     )  # fmt: skip
 
     stop.install()
@@ -96,7 +101,9 @@ def main(model_args, data_args, lora_args, plora_args, training_args) -> dict:
     return summary
 
 
-def make_callbacks(args: tuple, plan, weights, run: RunDir, stop, *, resume, wandb: bool, trainable: int) -> list:
+def make_callbacks(
+    args: tuple, plan, weights, run: RunDir, stop, *, resume, base_sum: str, wandb: bool, trainable: int
+) -> list:
     """Preemption; in lora/plora mode the unloads (and, resuming under ZeRO, the merged weights' restore);
     the PLoRA keys and config in W&B. Each is held by name: no callback is found by its position."""
     _, _, _, plora_args, training_args = args
@@ -107,7 +114,7 @@ def make_callbacks(args: tuple, plan, weights, run: RunDir, stop, *, resume, wan
                                 max_bad_stages=plora_args.max_bad_stages)  # fmt: skip
         callbacks.append(unloads)
         if resume and uses_zero(training_args):
-            callbacks.append(RestoreBaseWeights(resume, weights))
+            callbacks.append(RestoreBaseWeights(resume, weights, base_sum))
     if wandb:
         config = {"trainable_parameters": trainable, **as_dict(args[:4])}
         callbacks.append(WandbPLoRACallback(config, unloads.events if unloads else None, run.path))

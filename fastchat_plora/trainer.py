@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import Trainer
 
-from fastchat_plora.checkpoint import load_plora_state, plora_state
+from fastchat_plora.checkpoint import load_adapter, plora_state, restore_base_weights
 from fastchat_plora.distributed import is_partitioned
 from fastchat_plora.loss import labeled_loss
 from fastchat_plora.plora import LocalWeights, StagePlan, periodic_lr_lambda
@@ -25,7 +25,8 @@ class PLoRATrainer(Trainer):
 
     The configured schedule is built for one stage's length and wrapped to repeat, so each stage
     re-runs it from its start (constant for the paper; warmup + cosine per stage as an option).
-    ``weights`` is the unload's weight access; its compensation buffers go into checkpoints.
+    ``weights`` is the unload's weight access (and holds the compensation buffers);
+    ``base_checksum`` identifies W_0 in checkpoints (`checkpoint.base_checksum`).
     """
 
     def __init__(
@@ -33,19 +34,17 @@ class PLoRATrainer(Trainer):
         *args,
         plan: StagePlan | None = None,
         weights: LocalWeights | None = None,
+        base_checksum: str = "",
         labeled_logits_only: bool = True,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
         self.plan = plan or StagePlan()
         self.weights = weights or LocalWeights()
+        self.base_checksum = base_checksum
         self.labeled_logits_only = labeled_logits_only
         self._tokens = 0  # real (non-padding) tokens since the last log, a tensor once counting starts
         self._last_log = time.perf_counter()
-
-    @property
-    def compensation(self) -> dict:
-        return self.weights.compensation if self.weights.compensation is not None else {}
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         mask = inputs.get("attention_mask")
@@ -86,9 +85,11 @@ class PLoRATrainer(Trainer):
         return loss
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        # The base weights hold the merged stages, which PEFT's adapter loading knows nothing of.
+        # The base weights hold the merged stages, which PEFT's adapter loading knows nothing of:
+        # they are replayed from W_0, then the live adapter is loaded.
         if isinstance(self.model, PeftModel):
-            load_plora_state(Path(resume_from_checkpoint), self.model, self.compensation)
+            restore_base_weights(Path(resume_from_checkpoint), self.model, self.weights, self.base_checksum)
+            load_adapter(Path(resume_from_checkpoint), self.model)
         else:
             super()._load_from_checkpoint(resume_from_checkpoint, model)
 
@@ -110,11 +111,11 @@ class PLoRATrainer(Trainer):
         finally:
             self.args.output_dir = str(run.path)
         if isinstance(self.model, PeftModel) and (self.args.should_save or is_partitioned(self.model)):
-            # The merged base weights, which PEFT's adapter checkpoint knows nothing of. Under ZeRO-3
-            # every rank joins the gather; only the saving process writes.
-            state = plora_state(self.model, self.compensation)
+            # The live adapter and the stages it stands on (`checkpoint.py`). Under ZeRO-3 every rank
+            # joins the gather; only the saving process writes.
+            tensors, metadata = plora_state(self.model, run, self.base_checksum)
             if self.args.should_save:
-                save_file(state, str(staging / name / STATE_FILE))
+                save_file(tensors, str(staging / name / STATE_FILE), metadata=metadata)
         self.accelerator.wait_for_everyone()  # every rank's shards are written before the rename
         if not self.args.should_save:
             return

@@ -1,13 +1,16 @@
-"""The walls of docs/architecture.md, read from every module's imports."""
+"""The walls of docs/architecture.md, read from every module's imports; the core install without the demo extra."""
 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
+from importlib import metadata
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, module_env, tiny_run
 
 PACKAGE = "fastchat_plora"
 TOOLS = {"analyze", "export"}
@@ -67,3 +70,35 @@ def test_eval_and_data_prep_read_files_not_training_code(folder):
 def test_the_bench_uses_the_library_not_the_entry_point():
     for path in sorted((REPO / "bench").glob("*.py")):
         assert "train_plora" not in package_imports(path), path.name
+
+
+DEMO_ONLY = ("gguf", "cmeel-mimalloc")
+
+
+def test_the_core_install_needs_neither_the_gguf_reader_nor_mimalloc():
+    requires = metadata.requires("fastchat-plora")  # what pip installs, from the installed package's metadata
+    demo = [r for r in requires if r.startswith(DEMO_ONLY)]
+    assert len(demo) == 2 and all('extra == "demo"' in r for r in demo), requires
+
+
+BLOCKED = """
+import sys
+from importlib.abc import MetaPathFinder
+
+class Blocked(MetaPathFinder):  # as if the demo extra were not installed
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("gguf", "cmeel_mimalloc", "mimalloc", "bench"):
+            raise ModuleNotFoundError(name)
+
+sys.meta_path.insert(0, Blocked())
+from fastchat_plora.train_plora import cli
+sys.exit(cli(sys.argv[1:]))
+"""
+
+
+def test_the_trainer_trains_without_the_demo_extra(tiny_model_dir, conversations_file, tmp_path):
+    flags = tiny_run(tiny_model_dir, conversations_file, tmp_path / "run", unload_every_steps=1, max_steps=2)
+    proc = subprocess.run([sys.executable, "-c", BLOCKED, *flags], cwd=REPO, env=module_env(), capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "run" / "model.safetensors").is_file()

@@ -111,6 +111,7 @@ def test_zero3_resumes_exactly_from_its_checkpoint(setup):
     launch("deepspeed", 29614, flags(base, data, whole, 1, "--deepspeed", str(zero3)), tmp / "whole.log")
     resumed = tmp / "zero3-resumed"
     shutil.copytree(whole / "checkpoint-3", resumed / "checkpoint-3")
+    shutil.copytree(whole / "stages", resumed / "stages")  # the checkpoint stands on the run's stage files
     extra = ["--deepspeed", str(zero3), "--resume_from_checkpoint", "latest"]
     launch("deepspeed", 29615, flags(base, data, resumed, 1, *extra), tmp / "resumed.log")
     assert relative_update_difference(resumed, whole, base) < 1e-6

@@ -4,6 +4,7 @@ and stopping after repeated non-finite stages."""
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import time
@@ -12,14 +13,17 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
 
+from fastchat_plora.adapters import add_adapters
 from fastchat_plora.callback import PLoRACallback, PreemptionCallback, StopRequest, TrainingDiverged
-from fastchat_plora.plora import StagePlan, lora_layers
+from fastchat_plora.checkpoint import base_checksum, restore_base_weights
+from fastchat_plora.plora import LocalWeights, StagePlan, lora_layers
 from fastchat_plora.rundir import RunDir
 from fastchat_plora.train_plora import cli
 from fastchat_plora.trainer import PLoRATrainer
-from tests.conftest import start_module, tiny_lora, tiny_run, write_conversations
+from tests.conftest import ALL_LINEAR, start_module, tiny_lora, tiny_run, write_conversations
 
 WAIT_SECONDS = 300
 
@@ -201,3 +205,77 @@ def test_stop_request_saves_and_stops_in_every_mode():
     state.global_step, control.should_save = 10, False  # a request during the last step changes nothing
     callback.on_step_end(None, state, control)
     assert not control.should_save
+
+
+def adapter_bytes(run: Path) -> int:
+    """The size of the live adapter's fp32 tensors: what one stage file holds."""
+    state = load_file(next(run.glob("checkpoint-*")) / "plora_state.safetensors")
+    return sum(t.numel() * 4 for k, t in state.items() if k.startswith(("lora_A::", "lora_B::")))
+
+
+def test_a_checkpoint_holds_the_adapter_not_the_base_weights(tiny_model_dir, data, tmp_path):
+    out = tmp_path / "run"
+    assert cli(flags(tiny_model_dir, data, out, "--save_steps", "12", "--lora_r", "8")) == 0
+    checkpoint = out / "checkpoint-12"
+    state = load_file(checkpoint / "plora_state.safetensors")
+    assert not any(key.startswith(("base::", "comp::")) for key in state)  # no base weights in it
+    adapter = adapter_bytes(out)
+    tensors = sum((checkpoint / f).stat().st_size for f in ("plora_state.safetensors", "adapter_model.safetensors"))
+    assert tensors <= 2 * 1.06 * adapter  # the live adapter, twice (PEFT's file and ours); 6% for the headers
+    # what resuming needs besides the optimizer and the tokenizer (a fixed 3.5 MB here, whatever the model):
+    # the checkpoint's tensors and the stage files it stands on (the 3 unloads before step 12)
+    stages = [json.loads(line)["stage"] for line in (out / "unload_events.jsonl").read_text().splitlines()][:-1]
+    stage_bytes = sum((out / "stages" / f"stage-{s:05d}.safetensors").stat().st_size for s in stages)
+    assert len(stages) == 3 and tensors + stage_bytes <= (len(stages) + 2) * 1.06 * adapter
+
+
+def test_bf16_resume_replays_the_stages_to_the_same_bits(tiny_model_dir, data, tmp_path):
+    # bf16 base weights: compensated merges, whose Kahan buffers the replay must rebuild exactly.
+    bf16 = ("--model_dtype", "bfloat16", "--save_steps", "10")
+    straight_dir, resumed_dir = tmp_path / "straight", tmp_path / "resumed"
+    assert cli(flags(tiny_model_dir, data, straight_dir, *bf16)) == 0
+    assert cli(flags(tiny_model_dir, data, resumed_dir, *bf16, "--max_steps", "10")) == 0  # the run stops at 10
+    resume = ["--max_steps", "16", "--resume_from_checkpoint", str(resumed_dir / "checkpoint-10")]
+    assert cli(flags(tiny_model_dir, data, resumed_dir, *bf16, *resume)) == 0
+    assert_same_weights(load_file(resumed_dir / "model.safetensors"), load_file(straight_dir / "model.safetensors"))
+
+
+def test_resume_against_another_base_or_changed_stages_is_refused(tiny_model_dir, data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli(flags(tiny_model_dir, data, out, "--save_steps", "10", "--max_steps", "10")) == 0
+    other_base = tmp_path / "other_base"  # the same model with its q_proj weights moved
+    shutil.copytree(tiny_model_dir, other_base)
+    weights = load_file(other_base / "model.safetensors")
+    weights = {k: v + 0.01 if "q_proj" in k else v for k, v in weights.items()}
+    save_file(weights, other_base / "model.safetensors", metadata={"format": "pt"})
+    finished = {p.name: p.read_bytes() for p in (*out.glob("*.*"), *(out / "stages").iterdir())}
+    resume = ["--max_steps", "16", "--resume_from_checkpoint", "latest"]
+    assert cli(flags(other_base, data, out, *resume)) == 2
+    assert "other base weights" in capsys.readouterr().err.strip().splitlines()[-1]
+
+    stage = out / "stages" / "stage-00001.safetensors"
+    stage.write_bytes(stage.read_bytes()[:-4] + b"\0\0\0\0")
+    assert cli(flags(tiny_model_dir, data, out, *resume)) == 2
+    assert f"the stage file {stage} it replays has changed" in capsys.readouterr().err.strip().splitlines()[-1]
+    stage.write_bytes(finished[stage.name])
+    # nothing of the finished run was touched: model, events, stage files (its final merge's too)
+    assert {p.name: p.read_bytes() for p in (*out.glob("*.*"), *(out / "stages").iterdir())} == finished
+
+
+def test_a_checkpoint_of_the_earlier_layout_still_resumes_exactly(tiny_model_dir, data, tmp_path, straight):
+    """Checkpoints written before the stage replay held the merged base weights themselves."""
+    out = tmp_path / "run"
+    assert cli(flags(tiny_model_dir, data, out, "--save_steps", "10", "--max_steps", "10")) == 0
+    checkpoint = out / "checkpoint-10"
+    model = add_adapters(AutoModelForCausalLM.from_pretrained(tiny_model_dir), r=2, alpha=16, targets=ALL_LINEAR,
+                         generator=StagePlan().generator(0))  # fmt: skip
+    restore_base_weights(checkpoint, model, LocalWeights(), base_checksum(model))  # W_10, by replay
+    state = load_file(checkpoint / "plora_state.safetensors")
+    state.update(
+        {f"base::{name}": layer.get_base_layer().weight.detach().clone() for name, layer in lora_layers(model)}
+    )
+    save_file(state, checkpoint / "plora_state.safetensors")  # the earlier layout: no metadata, base:: tensors
+    shutil.rmtree(out / "stages")  # which it does not need
+    resume = ["--max_steps", "16", "--resume_from_checkpoint", str(checkpoint)]
+    assert cli(flags(tiny_model_dir, data, out, *resume)) == 0
+    assert_same_weights(load_file(out / "model.safetensors"), straight)

@@ -66,12 +66,15 @@ def test_a_run_is_not_written_over_unless_asked(tmp_path):
 
 def test_a_resumed_run_forgets_events_and_stages_after_its_checkpoint(tmp_path):
     run = RunDir(tmp_path)
-    for stage, step in enumerate((2, 4)):
-        run.save_stage(stage, step, {"base_model.model.x": (torch.zeros(3, 1), torch.zeros(1, 2))})
-        run.append_event({"step": step, "stage": stage})
+    for stage, step, final in ((0, 2, False), (1, 4, False), (2, 5, True)):  # a run that ended at step 5
+        run.save_stage(stage, step, {"base_model.model.x": (torch.zeros(3, 1), torch.zeros(1, 2))}, final=final)
+        run.append_event({"step": step, "stage": stage, "final": final})
+    run.trim(checkpoint(run, 5))  # goes on from its last step: its final merge is undone
+    assert [p.name for p in run.stage_files()] == ["stage-00000.safetensors", "stage-00001.safetensors"]
+    assert [e["step"] for e in run.events()] == [2, 4]
     run.trim(checkpoint(run, 3))
     assert [p.name for p in run.stage_files()] == ["stage-00000.safetensors"]
-    assert run.events() == [{"step": 2, "stage": 0}]
+    assert run.events() == [{"step": 2, "stage": 0, "final": False}]
     assert set(run.load_stages()[0]) == {"x.lora_A", "x.lora_B"}  # the plain model's names
     run.trim(None)  # a fresh run
     assert run.stage_files() == [] and run.events() == []

@@ -3,8 +3,8 @@
 # a few minutes on a laptop CPU. GSM8K comes from ../shared/data when that mirror exists, else
 # from DATA_DIR, else from the dataset hub (openai/gsm8k).
 set -euo pipefail
-# On Linux, mimalloc: it holds far less CPU memory than glibc's malloc under training (README,
-# "Performance"); PLORA_ALLOCATOR=system runs on the system's malloc instead.
+# On Linux, mimalloc: it holds far less CPU memory than glibc's malloc under training (docs/performance.md);
+# PLORA_ALLOCATOR=system runs on the system's malloc instead. The demo extra (gguf, mimalloc) comes with env.sh.
 if [ "$(uname -s)" = Linux ]; then export PLORA_ALLOCATOR="${PLORA_ALLOCATOR:-mimalloc}"; fi
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 

@@ -39,7 +39,7 @@ def flags(model_dir: Path, data: Path, out: Path, per_device: int, *extra: str) 
     return [*run, *extra]
 
 
-def launch(launcher: str, port: int, args: list[str], log: Path) -> None:
+def launch(launcher: str, port: int, args: list[str], log: Path, env: dict | None = None) -> None:
     if launcher == "single":
         command = [sys.executable, "-m", "fastchat_plora.train_plora", *args]
     elif launcher == "torchrun":
@@ -48,7 +48,7 @@ def launch(launcher: str, port: int, args: list[str], log: Path) -> None:
     else:
         command = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(port),
                    "--module", "fastchat_plora.train_plora", *args]  # fmt: skip
-    env = module_env(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    env = module_env(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", **(env or {}))
     with log.open("w") as f:
         proc = subprocess.run(command, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=900)
     assert proc.returncode == 0, log.read_text()[-3000:]
@@ -169,3 +169,17 @@ def test_a_rank_that_dies_ends_the_job_and_leaves_the_last_checkpoint_readable(s
     assert not (out / "summary.json").exists()
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=torch.arange(3, 20).unsqueeze(0)).logits).all()
+
+
+def test_deepspeed_resume_with_wandb_starts(setup, tmp_path):
+    """The cluster path: DeepSpeed, resumed from a checkpoint, logging to W&B (offline here)."""
+    pytest.importorskip("wandb")
+    base, data, _, _ = setup
+    wandb_env = {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_API_KEY": ""}
+    out = tmp_path / "run"
+    extra = ["--deepspeed", str(REPO / "configs" / "ds" / "zero2.json"), "--report_to", "wandb"]
+    launch("deepspeed", 29617, flags(base, data, out, 1, *extra, "--max_steps", "3"), tmp_path / "first.log", wandb_env)
+    resume = [*extra, "--resume_from_checkpoint", "latest"]
+    launch("deepspeed", 29618, flags(base, data, out, 1, *resume), tmp_path / "resumed.log", wandb_env)
+    assert json.loads((out / "summary.json").read_text())["steps"] == 6
+    assert [e["step"] for e in map(json.loads, (out / "unload_events.jsonl").read_text().splitlines())] == [2, 4, 6]

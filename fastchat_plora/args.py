@@ -247,9 +247,13 @@ def parse_args(argv: list[str] | None = None) -> tuple:
     parser = HfArgumentParser(ARG_CLASSES)
     parser.add_argument("--config", default=None, help="YAML file whose keys are these flag names.")
     if known.config:
-        # the W&B run (and any other tracker) is named after the config unless told otherwise
+        # the W&B run (and any other tracker) is named after the config and the seed unless told otherwise
         parser.set_defaults(run_name=Path(known.config).stem, **load_config(known.config))
-    return tuple(parser.parse_args_into_dataclasses(args=rest)[: len(ARG_CLASSES)])
+    parsed = parser.parse_args_into_dataclasses(args=rest)[: len(ARG_CLASSES)]
+    training = parsed[-1]
+    if known.config and training.run_name == Path(known.config).stem:
+        training.run_name = f"{training.run_name}-seed{training.seed}"
+    return tuple(parsed)
 
 
 def validate(model_args, data_args, lora_args, plora_args, training_args) -> None:

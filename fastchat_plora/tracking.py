@@ -22,6 +22,7 @@ from fastchat_plora.rundir import WANDB_RUN_FILE
 
 logger = logging.getLogger(__name__)
 DEFAULT_PROJECT = "fastchat-plora"
+IDENTITY_KEYS = ("WANDB_RUN_ID", "WANDB_RESUME", "WANDB_RUN_GROUP", "WANDB_TAGS")  # this training run's alone
 
 
 def has_api_key() -> bool:
@@ -31,23 +32,48 @@ def has_api_key() -> bool:
     return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="replace")
 
 
-def prepare_wandb(report_to: list[str] | str | None) -> bool:
-    """Before the Trainer starts W&B: check the package, pick offline mode without a key, name the project.
+def wandb_identity(run_dir: Path, resuming: bool, run_name: str | None, tags: list[str]) -> dict[str, str]:
+    """Who this training run is on W&B, as the environment `wandb.init` reads.
 
-    Returns whether W&B is on. Raises ValueError (the user's input) when it is asked for but missing.
+    A resumed (or requeued) run continues the W&B run it started, whose id training keeps in
+    OUTPUT_DIR/wandb_run.json, so its curves stay one run. Runs are grouped by experiment: the run
+    name without its `-seedN` (the seeds of one config form one group); tags say mode and rank.
+    """
+    identity = {"WANDB_TAGS": ",".join(tags)}
+    if run_name:
+        identity["WANDB_RUN_GROUP"] = run_name.rsplit("-seed", 1)[0]
+    saved = run_dir / WANDB_RUN_FILE
+    if resuming and saved.is_file():
+        identity["WANDB_RUN_ID"] = json.loads(saved.read_text())["id"]
+        identity["WANDB_RESUME"] = "allow"
+    return identity
+
+
+def prepare_wandb(report_to: list[str] | str | None, identity: dict[str, str] | None = None) -> list[str] | None:
+    """Before the Trainer starts W&B: check the package, pick offline mode without a key, name the
+    project, and set the run's identity (`wandb_identity`; what the user set in the environment wins).
+
+    Returns None when W&B is off, else the identity variables set here, for `finish_wandb` to
+    clear. Raises ValueError (the user's input) when W&B is asked for but missing.
     """
     targets = [report_to] if isinstance(report_to, str) else list(report_to or [])
     if "wandb" not in targets and "all" not in targets:
-        return False
+        return None
     if importlib.util.find_spec("wandb") is None:
         if "all" in targets:
-            return False
+            return None
         raise ValueError("report_to=wandb needs the wandb package: pip install wandb")
+    wanted = {"WANDB_PROJECT": DEFAULT_PROJECT, **(identity or {})}
     if not os.environ.get("WANDB_MODE") and not has_api_key():
-        os.environ["WANDB_MODE"] = "offline"
+        wanted["WANDB_MODE"] = "offline"
         logger.warning("W&B: no API key, logging offline (upload later with `wandb sync`)")
-    os.environ.setdefault("WANDB_PROJECT", DEFAULT_PROJECT)
-    return True
+    set_here = [key for key in wanted if not os.environ.get(key)]
+    os.environ.update({key: wanted[key] for key in set_here})
+    import wandb
+
+    if wandb.run is None:  # W&B reads its environment once per process setup: make it read this run's
+        wandb.teardown()
+    return [key for key in set_here if key in IDENTITY_KEYS]
 
 
 class WandbPLoRACallback(TrainerCallback):
@@ -106,8 +132,11 @@ class WandbPLoRACallback(TrainerCallback):
         self.logged = len(self.events)
 
 
-def finish_wandb() -> None:
-    """Close the W&B run the Trainer opened (it leaves that to process exit), flushing offline files."""
+def finish_wandb(set_here: list[str] | None = None) -> None:
+    """Close the W&B run the Trainer opened (it leaves that to process exit), flushing offline files,
+    and clear the run's identity from the environment, where `prepare_wandb` set it."""
+    for key in set_here or []:
+        os.environ.pop(key, None)
     if importlib.util.find_spec("wandb") is None:
         return
     import wandb

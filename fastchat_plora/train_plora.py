@@ -34,7 +34,7 @@ from fastchat_plora.distributed import (
 from fastchat_plora.models import DTYPES, load_model, load_tokenizer, resolve_model_path, save_model
 from fastchat_plora.plora import StagePlan, steps_per_stage, update_rank
 from fastchat_plora.rundir import RunDir
-from fastchat_plora.tracking import WandbPLoRACallback, finish_wandb, prepare_wandb
+from fastchat_plora.tracking import WandbPLoRACallback, finish_wandb, prepare_wandb, wandb_identity
 from fastchat_plora.trainer import PLoRATrainer
 
 logger = logging.getLogger("fastchat_plora")
@@ -69,14 +69,16 @@ def main(model_args, data_args, lora_args, plora_args, training_args) -> dict:
         check_resumable(resume, model, base_sum)  # before the run directory is touched
     trainable = trainable_parameters(model)
     dataset = make_dataset(conversations, tokenizer, data_args.model_max_length, data_args.conv_template)
-    wandb_on = prepare_wandb(training_args.report_to)  # offline without a key; an error without the package
+    tags = [plora_args.finetune_mode] + ([f"r{lora_args.lora_r}"] if adapted else [])
+    identity = wandb_identity(run.path, resume is not None, training_args.run_name, tags)
+    wandb_env = prepare_wandb(training_args.report_to, identity)  # offline without a key; error without the package
 
     run.path.mkdir(parents=True, exist_ok=True)
     if training_args.process_index == 0:  # one process tidies the shared output directory
         run.trim(resume)
     stop = StopRequest()
-    callbacks = make_callbacks(args, plan, weights, run, stop, resume=resume, base_sum=base_sum, wandb=wandb_on,
-                               trainable=trainable)  # fmt: skip
+    callbacks = make_callbacks(args, plan, weights, run, stop, resume=resume, base_sum=base_sum,
+                               wandb=wandb_env is not None, trainable=trainable)  # fmt: skip
     trainer = PLoRATrainer(
         model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer, callbacks=callbacks,
         data_collator=make_collator(tokenizer, training_args.padding_free), plan=plan if adapted else None,
@@ -88,8 +90,8 @@ def main(model_args, data_args, lora_args, plora_args, training_args) -> dict:
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     finally:
         stop.uninstall()
-        if wandb_on:
-            finish_wandb()
+        if wandb_env is not None:
+            finish_wandb(wandb_env)
     if stop.stopped_early(trainer.state):
         return {"preempted": True, "steps": trainer.state.global_step, "checkpoint": str(run.latest_checkpoint())}
     # The callback's final unload left every adapter merged and B = 0; drop the LoRA layers.

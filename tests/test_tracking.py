@@ -51,13 +51,14 @@ def run_contents(wandb_dir: Path, run_id: str) -> tuple[set, set, list]:
             elif kind == "config":
                 config |= {item.key or "/".join(item.nested_key) for item in record.config.update}
             elif kind == "run":
-                names.append(record.run.display_name)
+                names.append((record.run.display_name, record.run.run_group, tuple(record.run.tags)))
     return history, config, names
 
 
 @pytest.fixture
 def offline_wandb(tmp_path, monkeypatch):
-    for var in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_PROJECT"):
+    for var in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_PROJECT", "WANDB_RUN_ID", "WANDB_RESUME", "WANDB_RUN_GROUP",
+                "WANDB_TAGS"):  # fmt: skip
         monkeypatch.setenv(var, "")  # recorded, so what prepare_wandb sets is undone after the test
         monkeypatch.delenv(var)
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
@@ -83,7 +84,7 @@ def test_training_and_evaluation_land_in_one_offline_run(offline_wandb, tiny_mod
                 "plora/update_norm/down_proj", "plora/final_merge"):  # fmt: skip
         assert key in history, key
     assert {"unload_every_steps", "unload_momentum", "lora_r", "trainable_parameters"} <= config_keys
-    assert names[0] == "my_plora_run"  # named after the config
+    assert names[0] == ("my_plora_run-seed42", "my_plora_run", ("plora", "r2"))  # name, group (the config), tags
 
     data_dir = tmp_path / "evaldata"
     (data_dir / "gsm8k").mkdir(parents=True)
@@ -99,11 +100,27 @@ def test_wandb_asked_for_but_not_installed_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(tracking.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ValueError, match=r"report_to=wandb needs the wandb package"):
         tracking.prepare_wandb(["wandb"])
-    assert tracking.prepare_wandb(["none"]) is False
+    assert tracking.prepare_wandb(["none"]) is None
 
 
 def test_no_key_means_offline_and_a_key_means_online(offline_wandb, monkeypatch):
-    assert tracking.prepare_wandb(["wandb"]) and tracking.os.environ["WANDB_MODE"] == "offline"
+    assert tracking.prepare_wandb(["wandb"]) is not None and tracking.os.environ["WANDB_MODE"] == "offline"
     monkeypatch.delenv("WANDB_MODE")
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
-    assert tracking.prepare_wandb(["wandb"]) and "WANDB_MODE" not in tracking.os.environ
+    assert tracking.prepare_wandb(["wandb"]) is not None and "WANDB_MODE" not in tracking.os.environ
+
+
+def test_a_resumed_run_logs_to_the_same_wandb_run(offline_wandb, tiny_model_dir, tmp_path):
+    data = write_conversations(tmp_path / "c.jsonl")
+    out = tmp_path / "run"
+    flags = tiny_run(tiny_model_dir, data, out, report_to="wandb", unload_every_steps=2, save_steps=2, seed=7)
+    assert cli([*flags, "--max_steps", "2"]) == 0  # stops at step 2, as a preempted job would have
+    first = json.loads((out / "wandb_run.json").read_text())["id"]
+    assert cli([*flags, "--max_steps", "4", "--resume_from_checkpoint", "latest"]) == 0
+    assert json.loads((out / "wandb_run.json").read_text())["id"] == first
+    runs = {p.name.rsplit("-", 1)[1] for p in offline_wandb.glob("wandb/offline-run-*")}
+    assert runs == {first}  # both parts went to one W&B run
+    history, _, _ = run_contents(offline_wandb, first)
+    assert "plora/update_norm" in history
+    for var in ("WANDB_RUN_ID", "WANDB_RESUME", "WANDB_RUN_GROUP", "WANDB_TAGS"):
+        assert var not in tracking.os.environ  # the training run's identity does not leak into the process

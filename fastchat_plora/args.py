@@ -103,7 +103,10 @@ class PLoRAArguments:
     )
     unload_every_samples: int | None = field(
         default=None,
-        metadata={"help": "plora: unload every N training samples, counted in optimizer steps (paper: 4800)."},
+        metadata={
+            "help": "plora: unload every N training samples, counted in optimizer steps. Default, when neither "
+            "this nor unload_every_steps is given: the paper's 4800."
+        },
     )
     unload_momentum: float = field(
         default=0.0, metadata={"help": "Momentum m in [0, 1): merge (1 - m) of B·A, keep the rest in the adapter."}
@@ -295,9 +298,9 @@ def validate(model_args, data_args, lora_args, plora_args, training_args) -> Non
             raise ConfigError(f"lora_init={lora_args.lora_init!r}: expected one of {INIT_METHODS}")
     if mode == "plora":
         steps, samples = plora_args.unload_every_steps, plora_args.unload_every_samples
-        if (steps is None) == (samples is None):
+        if steps is not None and samples is not None:
             raise ConfigError(
-                f"plora mode needs exactly one of unload_every_steps and unload_every_samples "
+                f"plora mode takes one of unload_every_steps and unload_every_samples, not both "
                 f"(got unload_every_steps={steps}, unload_every_samples={samples})"
             )
         for key, value in (("unload_every_steps", steps), ("unload_every_samples", samples)):

@@ -41,6 +41,7 @@ MOMENTUM_MODES = ("preserve", "paper")
 #   gaussian_1_over_r  N(0, 1 / r^2): PEFT's init_lora_weights="gaussian"
 INIT_METHODS = ("kaiming_gaussian", "kaiming_uniform", "gaussian_1_over_r")
 DEFAULT_INIT = "kaiming_gaussian"
+PAPER_STAGE_SAMPLES = 4800  # the paper's stage length, the default when none is given
 
 
 class NonFiniteAdapterError(RuntimeError):

@@ -32,7 +32,7 @@ from fastchat_plora.distributed import (
     weights_for,
 )
 from fastchat_plora.models import DTYPES, load_model, load_tokenizer, resolve_model_path, save_model
-from fastchat_plora.plora import StagePlan, steps_per_stage, update_rank
+from fastchat_plora.plora import PAPER_STAGE_SAMPLES, StagePlan, steps_per_stage, update_rank
 from fastchat_plora.rundir import RunDir
 from fastchat_plora.tracking import WandbPLoRACallback, finish_wandb, prepare_wandb, wandb_identity
 from fastchat_plora.trainer import PLoRATrainer
@@ -156,7 +156,12 @@ def stage_plan(lora_args, plora_args, training_args) -> StagePlan:
             * training_args.gradient_accumulation_steps
             * training_args.world_size
         )
-        steps = steps_per_stage(plora_args.unload_every_steps, plora_args.unload_every_samples, global_batch)
+        every_steps, every_samples = plora_args.unload_every_steps, plora_args.unload_every_samples
+        if every_steps is None and every_samples is None:
+            every_samples = PAPER_STAGE_SAMPLES
+            logger.info("plora: unloading every %d samples, the paper's stage length (--unload_every_samples)",
+                        every_samples)  # fmt: skip
+        steps = steps_per_stage(every_steps, every_samples, global_batch)
     return StagePlan(
         steps=steps,
         momentum=plora_args.unload_momentum,

@@ -120,8 +120,7 @@ def test_saved_model_computes_what_the_trained_model_computes(
 BAD_INPUTS = [
     (["--unload_every_steps", "2", "--unload_momentum", "1.0"], "unload_momentum=1.0"),
     (["--unload_every_steps", "2", "--unload_momentum", "-0.1"], "unload_momentum=-0.1"),
-    (["--unload_every_steps", "2", "--unload_every_samples", "8"], "exactly one of"),
-    ([], "exactly one of"),
+    (["--unload_every_steps", "2", "--unload_every_samples", "8"], "not both"),
     (["--unload_every_steps", "0"], "unload_every_steps=0"),
     (["--unload_every_samples", "-5"], "unload_every_samples=-5"),
     (["--unload_every_steps", "2", "--lora_r", "0"], "lora_r=0"),
@@ -227,3 +226,11 @@ def test_embedded_model_trains_as_a_module(conversations_file, tmp_path, embedde
     assert "quantization_config" not in json.loads((out / "config.json").read_text())
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.num_hidden_layers == 30
+
+
+def test_plora_without_a_stage_length_unloads_every_4800_samples(tiny_model_dir, conversations_file, tmp_path, caplog):
+    out = tmp_path / "run"
+    with caplog.at_level("INFO", logger="fastchat_plora"):
+        assert train(tiny_model_dir, conversations_file, out, "--max_steps", "1") == 0
+    assert "unloading every 4800 samples, the paper's stage length" in caplog.text
+    assert json.loads((out / "summary.json").read_text())["stage_steps"] == 2400  # batch 2: 4800 / 2 steps

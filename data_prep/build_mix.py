@@ -30,7 +30,7 @@ from pathlib import Path
 
 from data_prep import arc, code_alpaca, gsm8k, orca
 from data_prep.benchmarks import test_questions
-from data_prep.common import SourceError, Tally, default_data_dir, normalize, sha256_file, write_jsonl
+from data_prep.common import SourceError, Tally, default_data_dir, normalize, sha256_file, with_replies, write_jsonl
 
 SOURCES = {"orca": orca, "code_alpaca": code_alpaca, "gsm8k": gsm8k, "arc": arc}
 PAPER_TOTAL = 60542
@@ -64,7 +64,7 @@ def read_sources(data_dir: Path | None, tulu_path: Path | None) -> tuple[dict, d
     for name, module in SOURCES.items():
         tallies[name] = Tally()
         extra = {"tulu_path": tulu_path} if tulu_path is not None and name in ("orca", "code_alpaca") else {}
-        examples[name] = list(module.examples(data_dir, tallies[name], **extra))
+        examples[name] = list(with_replies(module.examples(data_dir, tallies[name], **extra), tallies[name]))
     return examples, tallies
 
 
@@ -92,21 +92,64 @@ def check_paper_counts(examples: dict, mix: list[dict]) -> None:
             raise SourceError(f"{name}: {len(source_examples)} conversations before the filter, the paper has {paper}")
 
 
-def filter_examples(examples: dict, tallies: dict[str, Tally], tests: dict[str, set[str]]) -> list[dict]:
-    """Drop duplicates (exact, then normalised) and test-set questions; keep source order."""
+NGRAM = 13  # lm-evaluation-harness's decontamination n-gram
+MIN_WORDS = 8  # a shorter test question ("what is the capital of france") says too little to match on
+
+
+def ngram_index(tests: dict[str, set[str]]) -> dict[tuple[str, ...], str]:
+    """Every 13-word window of every (normalised) test question -> its benchmark; a question of 8 to 12
+    words is one window of its own length, so that it is found whole inside a longer prompt."""
+    index = {}
+    for bench, questions in tests.items():
+        for question in questions:
+            words = question.split()
+            if MIN_WORDS <= len(words) < NGRAM:
+                index.setdefault(tuple(words), bench)
+            for i in range(len(words) - NGRAM + 1):
+                index.setdefault(tuple(words[i : i + NGRAM]), bench)
+    return index
+
+
+def overlap(prompt: str, index: dict[tuple[str, ...], str], sizes: list[int]) -> tuple[str, str] | None:
+    """(benchmark, the shared words) when a training prompt holds a window of the index (of these sizes)."""
+    words = prompt.split()
+    for size in sizes:
+        for i in range(len(words) - size + 1):
+            window = tuple(words[i : i + size])
+            if window in index:
+                return index[window], " ".join(window)
+    return None
+
+
+def filter_examples(
+    examples: dict, tallies: dict[str, Tally], tests: dict[str, set[str]], contaminated: list[dict] | None = None
+) -> list[dict]:
+    """Drop duplicates (exact, then normalised) and test-set questions; keep source order.
+
+    A conversation is contaminated when its question equals a test question (normalised), or when
+    any of its prompts shares a 13-word window with one: a test question quoted inside a longer
+    prompt, as lm-evaluation-harness's decontamination finds it. ``contaminated`` collects what was
+    dropped for it and why (id, source, benchmark, the shared words).
+    """
+    index = ngram_index(tests)
+    sizes = sorted({len(key) for key in index})  # 8 .. 13
     kept, seen_exact, seen_norm = [], set(), set()
     for name, source_examples in examples.items():
         for ex in source_examples:
             turns = json.dumps(ex.record["conversations"], ensure_ascii=False, sort_keys=True)
             norm = normalize(" ".join(t["value"] for t in ex.record["conversations"]))
             question = normalize(ex.question)
-            hit = next((bench for bench, qs in tests.items() if question in qs), None)
+            hit = next(((bench, "the whole question") for bench, qs in tests.items() if question in qs), None)
+            prompts = (normalize(t["value"]) for t in ex.record["conversations"] if t["from"] != "gpt")
+            hit = hit or next(filter(None, (overlap(prompt, index, sizes) for prompt in prompts)), None)
             if turns in seen_exact:
                 tallies[name].dropped["duplicate (exact)"] += 1
             elif norm in seen_norm:
                 tallies[name].dropped["duplicate (normalised)"] += 1
             elif hit:
-                tallies[name].dropped[f"contaminated ({hit} test)"] += 1
+                tallies[name].dropped[f"contaminated ({hit[0]} test)"] += 1
+                if contaminated is not None:
+                    contaminated.append({"id": ex.record["id"], "source": name, "benchmark": hit[0], "shared": hit[1]})
             else:
                 kept.append({**ex.record, "source": name})
             seen_exact.add(turns)
@@ -130,7 +173,8 @@ def build(args: argparse.Namespace) -> dict:
     tulu_path = Path(args.tulu_path) if args.tulu_path else None
     examples, tallies = read_sources(data_dir, tulu_path)
     check_malformed(tallies, args.max_bad_fraction)
-    mix = filter_examples(examples, tallies, test_questions(data_dir))
+    contaminated = []
+    mix = filter_examples(examples, tallies, test_questions(data_dir), contaminated)
     if args.expect_paper_counts:
         check_paper_counts(examples, mix)  # before anything is written
     if not mix:
@@ -159,6 +203,7 @@ def build(args: argparse.Namespace) -> dict:
             }
             for name, tally in tallies.items()
         },
+        "contaminated": contaminated,  # what the contamination filter dropped, and the words it matched on
         "versions": versions(),
         "seconds": round(time.perf_counter() - start, 2),
     }

@@ -48,6 +48,16 @@ class Example:
     question: str
 
 
+def with_replies(examples: Iterable[Example], tally: Tally) -> Iterator[Example]:
+    """The examples whose every assistant turn says something; an empty or blank reply is malformed
+    (counted and named by conversation id), since training on it teaches the model to stop at once."""
+    for ex in examples:
+        if any(t["from"] == "gpt" and not t["value"].strip() for t in ex.record["conversations"]):
+            tally.bad(ex.record["id"], "empty assistant reply")
+            continue
+        yield ex
+
+
 @dataclass
 class Tally:
     """Per-source accounting: rows read, malformed rows (with where), and what happened to the rest."""

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from data_prep.common import SourceError, Tally, default_data_dir, run_converter
+from data_prep.common import SourceError, Tally, default_data_dir, run_converter, with_replies
 
 
 def source_main(name: str, examples: Callable, doc: str, argv: list[str] | None = None) -> None:
@@ -28,6 +28,6 @@ def source_main(name: str, examples: Callable, doc: str, argv: list[str] | None 
     tally = Tally()
     kwargs = {"tulu_path": Path(args.tulu_path)} if args.tulu_path and name in ("orca", "code_alpaca") else {}
     try:
-        run_converter(name, examples(data_dir, tally, **kwargs), args.output, tally)
+        run_converter(name, with_replies(examples(data_dir, tally, **kwargs), tally), args.output, tally)
     except SourceError as e:
         sys.exit(f"error: {e}")

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from data_prep import arc, build_mix, code_alpaca, gsm8k, orca
-from data_prep.common import Tally
+from data_prep.benchmarks import test_questions
+from data_prep.common import Tally, normalize
 from tests.conftest import SHARED_DATA
 
 
@@ -218,13 +219,26 @@ def test_existing_mix_survives_a_failed_build(data_dir, tmp_path):
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="the local mirror ../shared/data is not here")
 def test_mix_from_the_local_mirror(tmp_path, capsys):
     assert build(SHARED_DATA, tmp_path / "mix") == 0
+    manifest = json.loads((tmp_path / "mix" / "manifest.json").read_text())
+    code_alpaca = manifest["sources"]["code_alpaca"]
+    assert code_alpaca["malformed_where"] == ["code_alpaca_237: empty assistant reply",
+                                              "code_alpaca_1859: empty assistant reply"]  # fmt: skip
+    mix = [json.loads(line) for line in (tmp_path / "mix" / "mix.jsonl").read_text().split("\n") if line]
+    assert all(t["value"].strip() for r in mix for t in r["conversations"] if t["from"] == "gpt")
+    # an ARC train question holding an ARC test question whole, and train questions sharing 13 words with a test one
+    dropped = {c["id"]: c for c in manifest["contaminated"]}
+    assert dropped["arc_LEAP_2002_4_10246"]["shared"].startswith("mrs henderson s class has five small covered boxes")
+    assert any(c["source"] == "gsm8k" for c in dropped.values())
+    prompts = "\n".join(normalize(t["value"]) for r in mix for t in r["conversations"] if t["from"] == "human")
+    arc_tests = test_questions(SHARED_DATA)["arc"]
+    assert not [q for q in arc_tests if len(q.split()) >= 8 and q in prompts]  # no ARC test question inside a prompt
     s = json.loads((tmp_path / "mix" / "manifest.json").read_text())["sources"]
     assert s["gsm8k"]["converted"] == 7473 and s["arc"]["converted"] == 3370
     assert s["orca"]["stand_in"] and s["code_alpaca"]["stand_in"] and not s["gsm8k"]["stand_in"]
     capsys.readouterr()
     assert build(SHARED_DATA, tmp_path / "paper", "--expect_paper_counts") == 2
     out, err = capsys.readouterr()
-    assert "gsm8k           7473           7473          7473" in out  # paper, before and after the filter
-    assert "arc             3370           3370          3352" in out  # 18 dropped by the filter
+    assert "gsm8k           7473           7473          7469" in out  # paper, before and after the filter
+    assert "arc             3370           3370          3338" in out  # 32 dropped by the filter
     assert "orca: 284 conversations before the filter, the paper has 29683" in err
     assert not (tmp_path / "paper").exists()

@@ -56,12 +56,8 @@ def base_checksum(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def plora_state(model: torch.nn.Module, run: RunDir, base_sum: str) -> tuple[dict, dict[str, str]]:
-    """(tensors, metadata) of ``plora_state.safetensors``: the live adapter, the stages merged so far.
-
-    The stages are the run's stage files on disk (the unload of a boundary step writes its file
-    before that step's checkpoint is saved). Under ZeRO-3 every rank must call it.
-    """
+def adapter_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The live adapter's tensors for ``plora_state.safetensors``. Under ZeRO-3 every rank must call it."""
     tensors = {}
     for name, layer in lora_layers(model):
         factors = {"lora_A": layer.lora_A["default"].weight, "lora_B": layer.lora_B["default"].weight}
@@ -70,9 +66,17 @@ def plora_state(model: torch.nn.Module, run: RunDir, base_sum: str) -> tuple[dic
                 value = tensor.detach().contiguous().cpu()
                 # a gathered ZeRO-3 tensor is released on exit: keep a copy of it
                 tensors[f"{kind}::{name}"] = value.clone() if hasattr(tensor, "ds_id") else value
+    return tensors
+
+
+def state_metadata(run: RunDir, base_sum: str) -> dict[str, str]:
+    """The metadata of ``plora_state.safetensors``: the stages merged so far, W_0's checksum.
+
+    The stages are the run's stage files on disk (the unload of a boundary step writes its file
+    before that step's checkpoint is saved). Only the process that writes the checkpoint needs it.
+    """
     stages = [[int(p.stem.split("-")[1]), file_sha256(p)] for p in run.stage_files()]
-    metadata = {"format": STATE_FORMAT, "base_checksum": base_sum, "stages": json.dumps(stages)}
-    return tensors, metadata
+    return {"format": STATE_FORMAT, "base_checksum": base_sum, "stages": json.dumps(stages)}
 
 
 def file_sha256(path: Path) -> str:
@@ -98,11 +102,15 @@ def check_resumable(checkpoint: Path, model: torch.nn.Module, base_sum: str) -> 
     It must adapt the same layers, have started from the same W_0 (by checksum), and every stage
     file it stands on must be there, unchanged. Checkpoints of the earlier layout replay nothing.
     """
-    checkpoint = Path(checkpoint)
+    return verified_state(Path(checkpoint), model, base_sum)[2]
+
+
+def verified_state(checkpoint: Path, model: torch.nn.Module, base_sum: str) -> tuple[dict, dict, list[int]]:
+    """(tensors, metadata, stages to replay) of a checkpoint that `check_resumable` accepts."""
     saved, metadata = read_state(checkpoint)
     check_layers(checkpoint, saved, model)
     if metadata.get("format") != STATE_FORMAT:
-        return []
+        return saved, metadata, []
     if metadata["base_checksum"] != base_sum:
         raise CheckpointError(
             f"resume_from_checkpoint={checkpoint}: the run started from other base weights than "
@@ -115,7 +123,7 @@ def check_resumable(checkpoint: Path, model: torch.nn.Module, base_sum: str) -> 
             state = "is missing" if not path.is_file() else "has changed since the checkpoint was saved"
             raise CheckpointError(f"resume_from_checkpoint={checkpoint}: the stage file {path} it replays {state}")
         stages.append(stage)
-    return stages
+    return saved, metadata, stages
 
 
 def restore_base_weights(checkpoint: Path, model: torch.nn.Module, weights: LocalWeights, base_sum: str) -> int:
@@ -125,8 +133,7 @@ def restore_base_weights(checkpoint: Path, model: torch.nn.Module, weights: Loca
     merged weights and compensation buffers it holds. Every rank calls this under ZeRO.
     """
     checkpoint = Path(checkpoint)
-    stages = check_resumable(checkpoint, model, base_sum)
-    saved, metadata = read_state(checkpoint)
+    saved, metadata, stages = verified_state(checkpoint, model, base_sum)
     if metadata.get("format") != STATE_FORMAT:
         copy_merged_weights(saved, model, weights)
         return 0

@@ -50,6 +50,11 @@ def is_complete(checkpoint: Path) -> bool:
     return (Path(checkpoint) / COMPLETE_MARKER).is_file()
 
 
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    with safe_open(str(path), "pt") as f:
+        return {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+
+
 def checkpoint_step(checkpoint: Path) -> int:
     """The optimizer step a complete checkpoint was saved at."""
     return json.loads((Path(checkpoint) / COMPLETE_MARKER).read_text())["global_step"]
@@ -150,8 +155,7 @@ class RunDir:
 
     def stage_factors(self, stage: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """One stage's merged factors, layer -> (c * B, A), under PEFT's module names as the unload reported them."""
-        with safe_open(str(self.stage_file(stage)), "pt") as f:
-            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (not a dict)
+        tensors = read_tensors(self.stage_file(stage))
         layers = [key.removesuffix(".lora_A") for key in tensors if key.endswith(".lora_A")]
         return {PEFT_PREFIX + layer: (tensors[f"{layer}.lora_B"], tensors[f"{layer}.lora_A"]) for layer in layers}
 
@@ -168,11 +172,7 @@ class RunDir:
             raise RunDirError(
                 f"{self.path / STAGES_DIR}: stage files {stages} are not 0..{len(paths) - 1} without gaps"
             )
-        result = []
-        for path in paths:
-            with safe_open(str(path), "pt") as f:
-                result.append({key: f.get_tensor(key) for key in f.keys()})  # noqa: SIM118 (not a dict)
-        return result
+        return [read_tensors(path) for path in paths]
 
     def trim(self, resume: Path | None) -> None:
         """Forget what came after the checkpoint a run resumes from: all of it for a fresh run.

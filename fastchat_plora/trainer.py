@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import Trainer
 
-from fastchat_plora.checkpoint import load_adapter, plora_state, restore_base_weights
+from fastchat_plora.checkpoint import adapter_state, load_adapter, restore_base_weights, state_metadata
 from fastchat_plora.distributed import is_partitioned
 from fastchat_plora.loss import labeled_loss
 from fastchat_plora.plora import LocalWeights, StagePlan, periodic_lr_lambda
@@ -112,9 +112,10 @@ class PLoRATrainer(Trainer):
             self.args.output_dir = str(run.path)
         if isinstance(self.model, PeftModel) and (self.args.should_save or is_partitioned(self.model)):
             # The live adapter and the stages it stands on (`checkpoint.py`). Under ZeRO-3 every rank
-            # joins the gather; only the saving process writes.
-            tensors, metadata = plora_state(self.model, run, self.base_checksum)
+            # joins the gather; only the saving process hashes the stage files and writes.
+            tensors = adapter_state(self.model)
             if self.args.should_save:
+                metadata = state_metadata(run, self.base_checksum)
                 save_file(tensors, str(staging / name / STATE_FILE), metadata=metadata)
         self.accelerator.wait_for_everyone()  # every rank's shards are written before the rename
         if not self.args.should_save:

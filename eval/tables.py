@@ -5,6 +5,8 @@
 Each results.json names the model it evaluated; rows are labelled from that run's saved
 `run_args.json` and `summary.json` (method, rank, trainable parameters, modules, learning rate,
 unloading interval). A model directory without them (e.g. the untouched base) is labelled "base".
+A run measured by `fastchat_plora.analyze` (its `rank/rank.json`) adds the rank of its update
+W_T - W_0 in the q_proj layers, which every configuration adapts.
 """
 
 from __future__ import annotations
@@ -62,6 +64,20 @@ def metric_columns(metrics: dict) -> dict:
     return row
 
 
+RANK_LAYER = "q_proj"
+
+
+def rank_columns(model_path: Path) -> dict:
+    """The numerical rank (largest over the layers) and the mean effective rank of the q_proj updates."""
+    rank_file = model_path / "rank" / "rank.json"
+    if not rank_file.is_file():
+        return {}
+    by_type = json.loads(rank_file.read_text())["by_type"].get(RANK_LAYER)
+    if by_type is None:
+        return {}
+    return {"rank q": by_type["numerical_rank_max"], "eff. rank q": by_type["effective_rank_mean"]}
+
+
 LAYOUTS = {  # which label columns each table shows, in the paper's order
     1: ["method", "r", "trainable params"],
     2: ["method", "modules", "r", "unload every"],
@@ -80,7 +96,8 @@ def build_rows(results_files: list[Path], table: int) -> list[dict]:
         results = json.loads(path.read_text())
         labels = run_labels(Path(results["model_path"]))
         key = tuple((k, labels.get(k, "")) for k in LAYOUTS[table])
-        groups.setdefault(key, []).append(metric_columns(results["metrics"]))
+        metrics = metric_columns(results["metrics"]) | rank_columns(Path(results["model_path"]))
+        groups.setdefault(key, []).append(metrics)
     rows = []
     for key, runs in groups.items():
         row = dict(key)
@@ -153,6 +170,11 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     markdown = to_markdown(rows) + "\n" + scoring_note([Path(p) for p in args.results]) + "\n"
+    if any("rank q" in row for row in rows):
+        markdown += (
+            f"rank q, eff. rank q: the numerical rank (largest over the layers) and the mean effective rank of "
+            f"W_T - W_0 in {RANK_LAYER}.\n"
+        )
     (out / f"table{args.table}.md").write_text(markdown)
     (out / f"table{args.table}.csv").write_text(to_csv(rows))
     print(markdown)

@@ -52,14 +52,13 @@ main() {
     case "$experiment" in
         table1)
             evaluate "$BASE_MODEL" "$RUNS_DIR/$scale/base/eval"
-            for dir in "${runs[@]}"; do evaluate "$dir" "$dir/eval"; done
+            for dir in "${runs[@]}"; do evaluate "$dir" "$dir/eval"; rank "$dir"; done
             run "$PY" -m eval.tables --table 1 --output_dir "$out" \
                 --results "$RUNS_DIR/$scale/base/eval/results.json" "${evals[@]}"
-            for dir in "${runs[@]}"; do rank "$dir"; done
             run "$PY" -m eval.figures spectra --output "$out/spectra.png" \
                 --ranks "${runs[@]/%//rank/rank.json}" ;;
         table2 | table3)
-            for dir in "${runs[@]}"; do evaluate "$dir" "$dir/eval"; done
+            for dir in "${runs[@]}"; do evaluate "$dir" "$dir/eval"; rank "$dir"; done
             run "$PY" -m eval.tables --table "${experiment#table}" --output_dir "$out" --results "${evals[@]}" ;;
         figure2)
             run "$PY" -m eval.figures loss --runs "${runs[@]}" --smooth "$LOSS_SMOOTH" --output "$out/figure2.png" ;;

@@ -131,20 +131,21 @@ def bench_dataset(args: argparse.Namespace, tokenizer):
     labeled, so there is no padding and no prompt masking: the pure compute-bound case.
     """
     from fastchat_plora.data import SupervisedDataset, make_dataset
+    from fastchat_plora.sources import load_source
 
     count = args.steps * args.batch_size
     if args.random_tokens:
         rng = random.Random(0)
         rows = [[rng.randrange(len(tokenizer)) for _ in range(args.random_tokens)] for _ in range(count)]
         return SupervisedDataset([{"input_ids": row, "labels": list(row)} for row in rows])
-    full_set = make_dataset(args.data_path, tokenizer, args.model_max_length)
+    full_set = make_dataset(load_source(args.data_path), tokenizer, args.model_max_length)
     chosen = random.Random(0).sample(range(len(full_set)), count)
     return SupervisedDataset([full_set.examples[i] for i in chosen])
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data_path", help="ShareGPT JSONL to train on (e.g. the mix); or --random_tokens")
+    parser.add_argument("--data_path", help="conversations to train on (e.g. the mix); or --random_tokens")
     parser.add_argument("--random_tokens", type=int, default=None, help="rows of this many random tokens instead")
     parser.add_argument("--model_name_or_path", default=None, help="default: the embedded SmolLM2-135M-Instruct")
     parser.add_argument("--steps", type=int, default=12, help="optimizer steps per run")

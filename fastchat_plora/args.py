@@ -54,8 +54,12 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    data_path: str | None = field(
-        default=None, metadata={"help": "ShareGPT-style conversations, JSON or JSONL (see data_prep/)."}
+    data_path: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Training data: files (JSON or JSONL; ShareGPT, OpenAI messages or Alpaca records) or "
+            "hub:ID[:SPLIT]; several make a seeded mix, each optionally =COUNT or =WEIGHT (docs/data.md)."
+        },
     )
     conv_template: str | None = field(
         default=None,
@@ -213,6 +217,8 @@ def load_config(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
         check_value_type(key, value, types[key], path)
     if isinstance(config.get("lora_target_modules"), list):
         config["lora_target_modules"] = ",".join(config["lora_target_modules"])
+    if isinstance(config.get("data_path"), str):  # one source, or a list of them
+        config["data_path"] = [config["data_path"]]
     merged.update(config)
     return merged
 
@@ -279,8 +285,8 @@ def validate(model_args, data_args, lora_args, plora_args, training_args) -> Non
             "with no fp32 master copy (small updates round away); use --model_dtype float32 --bf16 True "
             "(fp32 weights, bf16 autocast) or --deepspeed configs/ds/zero3.json (fp32 master weights)"
         )
-    if data_args.data_path is None:
-        raise ConfigError("data_path is required (a ShareGPT JSON/JSONL file; see data_prep/)")
+    if not data_args.data_path:
+        raise ConfigError("data_path is required (a JSON/JSONL file of conversations, e.g. the mix of data_prep/)")
     if data_args.conv_template is not None:
         check_conv_template(data_args.conv_template)
     if data_args.model_max_length <= 0:

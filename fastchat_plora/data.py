@@ -1,13 +1,11 @@
-"""Conversations in, training examples out: load, render, tokenise, mask.
+"""Conversations in, training examples out: render, tokenise, mask.
 
-The input format is FastChat/ShareGPT, as JSON (a list) or JSONL (one object a line):
-
-    {"id": "...", "conversations": [{"from": "system" | "human" | "gpt", "value": "..."}, ...]}
-
-Rendering goes through the tokenizer's chat template by default, or a FastChat template by name
-(`--conv_template vicuna_v1.1`). Rendering returns the text and the character spans of the
-assistant turns; tokenising keeps the character offsets of each token; masking sets the label of
-every token outside an assistant span to -100. Keeping the three apart lets each be tested alone.
+A conversation is a list of role/content messages (`sources.py` reads them from ShareGPT, OpenAI
+messages and Alpaca records). Rendering goes through the tokenizer's chat template by default, or
+a FastChat template by name (`--conv_template vicuna_v1.1`). Rendering returns the text and the
+character spans of the trained assistant turns; tokenising keeps the character offsets of each
+token; masking sets the label of every token outside those spans to -100. Keeping the three apart
+lets each be tested alone.
 """
 
 from __future__ import annotations
@@ -16,7 +14,6 @@ import json
 import logging
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -25,61 +22,15 @@ from transformers import PreTrainedTokenizerBase
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-# ShareGPT role names, with the OpenAI-style aliases that converted data often carries.
-ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 
 class DataError(ValueError):
     """A data file that cannot be trained on; the message names the file (and line)."""
 
 
-Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": str}
-
-
-def parse_conversation(record: object, where: str) -> list[Message]:
-    """Check one ShareGPT record and return its turns as role/content messages."""
-    if not isinstance(record, dict) or not isinstance(record.get("conversations"), list):
-        raise DataError(f"{where}: expected an object with a 'conversations' list")
-    messages = []
-    for turn in record["conversations"]:
-        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
-            raise DataError(f"{where}: each turn needs 'from' and a string 'value', got {turn!r:.80}")
-        role = ROLES.get(turn.get("from"))
-        if role is None:
-            raise DataError(f"{where}: unknown role {turn.get('from')!r}; expected one of {sorted(ROLES)}")
-        messages.append({"role": role, "content": turn["value"]})
-    if not any(m["role"] == "assistant" for m in messages):
-        raise DataError(f"{where}: conversation {record.get('id', '?')!r} has no assistant ('gpt') turn")
-    return messages
-
-
-def load_conversations(path: str | Path) -> list[list[Message]]:
-    """Read a JSON or JSONL file of ShareGPT conversations, failing on the first bad record."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"data file not found: {path}")
-    text = path.read_text(encoding="utf-8")
-    if not text.strip():
-        raise DataError(f"data file is empty: {path}")
-    if text.lstrip().startswith("["):
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: not valid JSON ({e})") from None
-        located = [(record, f"{path}: record {i}") for i, record in enumerate(records)]
-    else:
-        located = []
-        # split on "\n" only: str.splitlines() also breaks at U+2028 and friends inside strings
-        for lineno, line in enumerate(text.split("\n"), start=1):
-            if not line.strip():
-                continue
-            try:
-                located.append((json.loads(line), f"{path}:{lineno}"))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-    if not located:
-        raise DataError(f"data file holds no conversations: {path}")
-    return [parse_conversation(record, where) for record, where in located]
+# {"role": "system" | "user" | "assistant", "content": str}; an assistant turn left out of the loss
+# also carries "train": False.
+Message = dict
 
 
 @dataclass
@@ -230,7 +181,7 @@ class ChatRenderer:
         text = self._text(messages, generation_prompt=False)
         spans = []
         for i, m in enumerate(messages):
-            if m["role"] != "assistant":
+            if m["role"] != "assistant" or not m.get("train", True):
                 continue
             before = self._text(messages[:i], generation_prompt=True) if i else ""
             through = self._text(messages[: i + 1], generation_prompt=False)
@@ -313,14 +264,12 @@ class SupervisedDataset(torch.utils.data.Dataset):
 
 
 def make_dataset(
-    conversations: list[list[Message]] | str | Path,
+    conversations: list[list[Message]],
     tokenizer: PreTrainedTokenizerBase,
     max_length: int,
     conv_template: str | None = None,
 ) -> SupervisedDataset:
-    """Examples from loaded conversations, or from a file path."""
-    if isinstance(conversations, (str, Path)):
-        conversations = load_conversations(conversations)
+    """Training examples from loaded conversations."""
     renderer = ChatRenderer(tokenizer, conv_template)
     examples, counts = build_examples(conversations, renderer, max_length)
     logger.info("data: %d conversations -> %s", len(conversations), dict(counts))

@@ -22,7 +22,7 @@ from fastchat_plora.adapters import add_adapters, probe_layer
 from fastchat_plora.args import parse_args, validate
 from fastchat_plora.callback import PLoRACallback, PreemptionCallback, RestoreBaseWeights, StopRequest, TrainingDiverged
 from fastchat_plora.checkpoint import base_checksum, check_resumable
-from fastchat_plora.data import load_conversations, make_dataset, use_prompt_format
+from fastchat_plora.data import make_dataset, use_prompt_format
 from fastchat_plora.distributed import (
     check_only_adapters_train,
     check_supported,
@@ -34,6 +34,7 @@ from fastchat_plora.distributed import (
 from fastchat_plora.models import DTYPES, load_model, load_tokenizer, resolve_model_path, save_model
 from fastchat_plora.plora import PAPER_STAGE_SAMPLES, StagePlan, steps_per_stage, update_rank
 from fastchat_plora.rundir import RunDir
+from fastchat_plora.sources import load_training_data
 from fastchat_plora.tracking import WandbPLoRACallback, finish_wandb, prepare_wandb, wandb_identity
 from fastchat_plora.trainer import PLoRATrainer
 
@@ -52,7 +53,8 @@ def main(model_args, data_args, lora_args, plora_args, training_args) -> dict:
     zero = uses_zero(training_args)
     if zero:
         init_deepspeed_comm(training_args)
-    conversations = load_conversations(data_args.data_path)[: data_args.max_train_samples]  # bad data fails first
+    conversations = load_training_data(data_args.data_path, training_args.seed)  # bad data fails first
+    conversations = conversations[: data_args.max_train_samples]
 
     model_path = resolve_model_path(model_args.model_name_or_path)
     tokenizer = load_tokenizer(model_path, data_args.model_max_length)

@@ -43,6 +43,10 @@ def test_the_foundation_imports_nothing_of_the_package(module):
     assert imports_of(module) == set()
 
 
+def test_data_sources_read_into_the_formatting_rooms_types_only():
+    assert imports_of("sources") == {"data"}
+
+
 def test_the_maths_and_its_access_know_only_each_other():
     assert imports_of("distributed") == {"plora"}
     assert imports_of("lora_dropout") == {"plora"}

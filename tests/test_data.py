@@ -1,17 +1,13 @@
-"""Data formatting: loading, rendering, masking, truncation, and bad files."""
+"""Data formatting: rendering, masking, truncation (loading the files: test_sources.py)."""
 
 from __future__ import annotations
-
-import json
 
 import pytest
 
 from fastchat_plora.data import (
     IGNORE_INDEX,
     ChatRenderer,
-    DataError,
     build_examples,
-    load_conversations,
     mask_labels,
     tokenize,
 )
@@ -70,31 +66,3 @@ def test_truncation_counts_and_drops(tokenizer):
     full = len(tokenizer.apply_chat_template(short, tokenize=True, return_dict=True)["input_ids"])
     examples, counts = build_examples([short], ChatRenderer(tokenizer), max_length=full - 2, progress=False)
     assert counts == {"truncated": 1, "kept": 1} and len(examples[0]["input_ids"]) == full - 2
-
-
-def test_json_list_and_jsonl_give_the_same(tmp_path):
-    records = [{"id": "a", "conversations": [{"from": "human", "value": "x\u2028y"}, {"from": "gpt", "value": "z"}]}]
-    (tmp_path / "a.json").write_text(json.dumps(records))
-    (tmp_path / "a.jsonl").write_text(json.dumps(records[0], ensure_ascii=False) + "\n")
-    assert load_conversations(tmp_path / "a.json") == load_conversations(tmp_path / "a.jsonl")
-    assert load_conversations(tmp_path / "a.jsonl")[0][0] == {"role": "user", "content": "x\u2028y"}
-
-
-@pytest.mark.parametrize(
-    "content,message",
-    [
-        (None, "not found"),
-        ("", "empty"),
-        ('{"id": 1, "conversations": [}\n', r"bad\.jsonl:1: not valid JSON"),
-        ('{"conversations": [{"from": "human", "value": "q"}]}\n', "no assistant"),
-        ('{"conversations": [{"from": "robot", "value": "q"}, {"from": "gpt", "value": "a"}]}\n', "'robot'"),
-        ('{"conversations": "not a list"}\n', "conversations"),
-        ("[1, 2]", "record 0"),
-    ],
-)
-def test_bad_data_files(tmp_path, content, message):
-    path = tmp_path / "bad.jsonl"
-    if content is not None:
-        path.write_text(content)
-    with pytest.raises(DataError, match=message):
-        load_conversations(path)

@@ -169,6 +169,8 @@ def assert_one_error_line(stderr: str, message: str) -> None:
         ("", "empty"),
         ('{"conversations": [{"from": "human", "value": "q"}]}\n', "no assistant"),
         ('{"conversations": [{"from": "bot", "value": "q"}]}\n', "'bot'"),
+        ('{"prompt": "q"}\n', "data.jsonl:1: unknown record shape"),
+        ('{"instruction": "q", "output": "a"}\n{"messages": []}\n', "data.jsonl:2: a messages record in a alpaca"),
     ],
 )
 def test_bad_data_fails_cleanly(tiny_model_dir, tmp_path, capsys, content, message):

@@ -4,7 +4,8 @@
     python -m eval.figures sweep --sweeps runs/a/sweep runs/b/sweep --metric gsm8k --window 10 --output fig3.png
     python -m eval.figures spectra --ranks runs/a/rank/rank.json runs/b/rank/rank.json --output spectra.png
 
-Loss curves read each run's `log_history.json`; sweeps read `sweep.json` from eval/sweep.py;
+Loss curves read each run's `log_history.json` (and, for a run that evaluated while training, its
+held-out loss and its stage boundaries from `unload_events.jsonl`); sweeps read `sweep.json` from eval/sweep.py;
 spectra read the `rank.json` files of `python -m fastchat_plora.analyze`.
 Losses are smoothed over a trailing window of optimizer steps (the paper: 150), checkpoint curves
 over a trailing window of checkpoints (the paper: 10).
@@ -71,15 +72,36 @@ def label(run_dir: Path) -> str:
 
 
 def plot_loss(runs: list[Path], smooth: int, output: Path) -> None:
+    """Training loss by run; where a run evaluated while training, its held-out loss beside it
+    (dashed, on both sides of each unload) and its stage boundaries (dotted verticals)."""
     fig, ax = plt.subplots(figsize=(7, 4))
     for run in runs:
-        history = [e for e in json.loads((run / "log_history.json").read_text()) if "loss" in e]
-        steps = [e["step"] for e in history]
-        ax.plot(steps, step_average(steps, [e["loss"] for e in history], smooth), label=label(run))
-    ax.set(xlabel="step", ylabel=f"training loss (mean over {smooth} steps)", title="Training loss")
+        history = json.loads((run / "log_history.json").read_text())
+        train = [e for e in history if "loss" in e]
+        steps = [e["step"] for e in train]
+        (line,) = ax.plot(steps, step_average(steps, [e["loss"] for e in train], smooth), label=label(run))
+        held_out = [e for e in history if "eval_loss" in e]
+        if held_out:
+            ax.plot([e["step"] for e in held_out], [e["eval_loss"] for e in held_out], "o--", color=line.get_color(),
+                    markersize=3, label=f"{label(run)}, held-out")  # fmt: skip
+        before = [e for e in history if "eval_before_unload_loss" in e]
+        ax.plot([e["step"] for e in before], [e["eval_before_unload_loss"] for e in before], "x",
+                color=line.get_color())  # fmt: skip
+        for step in stage_boundaries(run) if held_out else []:
+            ax.axvline(step, color=line.get_color(), linestyle=":", linewidth=0.8, alpha=0.6)
+    ax.set(xlabel="step", ylabel=f"loss (training: mean over {smooth} steps)", title="Training loss")
     ax.legend()
     fig.tight_layout()
     fig.savefig(output, dpi=120)
+
+
+def stage_boundaries(run: Path) -> list[int]:
+    """The steps after which the run unloaded (its unload_events.jsonl, final merge left out)."""
+    events = run / "unload_events.jsonl"
+    if not events.is_file():
+        return []
+    lines = [json.loads(line) for line in events.read_text().splitlines() if line.strip()]
+    return [event["step"] for event in lines if not event["final"]]
 
 
 def plot_sweeps(sweeps: list[Path], metric: str, window: int, output: Path) -> None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-from transformers import HfArgumentParser
+from transformers import HfArgumentParser, IntervalStrategy
 from transformers import TrainingArguments as HfTrainingArguments
 
 from fastchat_plora.data import check_conv_template
@@ -72,6 +72,17 @@ class DataArguments:
     max_train_samples: int | None = field(
         default=None,
         metadata={"help": "Train on the first N conversations only (the mix files are shuffled when built)."},
+    )
+    eval_data_path: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Held-out conversations (the formats and mixes of data_path): their loss is computed at every "
+            "stage boundary, before and after the unload, and every --eval_steps."
+        },
+    )
+    eval_holdout: int | None = field(
+        default=None,
+        metadata={"help": "Hold out the last N conversations of the training data as eval data instead."},
     )
 
 
@@ -217,8 +228,9 @@ def load_config(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
         check_value_type(key, value, types[key], path)
     if isinstance(config.get("lora_target_modules"), list):
         config["lora_target_modules"] = ",".join(config["lora_target_modules"])
-    if isinstance(config.get("data_path"), str):  # one source, or a list of them
-        config["data_path"] = [config["data_path"]]
+    for key in ("data_path", "eval_data_path"):  # one source, or a list of them
+        if isinstance(config.get(key), str):
+            config[key] = [config[key]]
     merged.update(config)
     return merged
 
@@ -262,6 +274,11 @@ def parse_args(argv: list[str] | None = None) -> tuple:
     training = parsed[-1]
     if known.config and training.run_name == Path(known.config).stem:
         training.run_name = f"{training.run_name}-seed{training.seed}"
+    if training.eval_steps is not None and training.eval_strategy == IntervalStrategy.NO:
+        # --eval_steps alone asks for evaluation every that many steps (HF's would ignore it)
+        training.eval_strategy, training.do_eval = IntervalStrategy.STEPS, True
+        if training.eval_steps > 1:
+            training.eval_steps = int(training.eval_steps)
     return tuple(parsed)
 
 
@@ -293,6 +310,7 @@ def validate(model_args, data_args, lora_args, plora_args, training_args) -> Non
         raise ConfigError(f"model_max_length={data_args.model_max_length}: must be positive")
     if data_args.max_train_samples is not None and data_args.max_train_samples <= 0:
         raise ConfigError(f"max_train_samples={data_args.max_train_samples}: must be positive")
+    check_eval(data_args, training_args)
     if mode != "full":
         if lora_args.lora_r <= 0:
             raise ConfigError(f"lora_r={lora_args.lora_r}: must be a positive integer")
@@ -327,6 +345,21 @@ def validate(model_args, data_args, lora_args, plora_args, training_args) -> Non
         raise ConfigError(f"max_bad_stages={plora_args.max_bad_stages}: must be at least 1")
     if training_args.output_dir is None:
         raise ConfigError("output_dir is required")
+
+
+def check_eval(data_args, training_args) -> None:
+    """Eval data from one place, and eval steps only with eval data."""
+    holdout, has_path = data_args.eval_holdout, bool(data_args.eval_data_path)
+    if holdout is not None and has_path:
+        raise ConfigError(f"eval_holdout={holdout} and eval_data_path: give one of them")
+    if holdout is not None and holdout <= 0:
+        raise ConfigError(f"eval_holdout={holdout}: must be positive")
+    strategy = getattr(training_args.eval_strategy, "value", training_args.eval_strategy)
+    if (strategy != "no" or training_args.eval_steps is not None) and holdout is None and not has_path:
+        raise ConfigError(
+            f"eval_strategy={strategy} (eval_steps={training_args.eval_steps}) needs eval data: "
+            "pass --eval_data_path FILE or --eval_holdout N"
+        )
 
 
 def check_configs(paths: list[str]) -> None:

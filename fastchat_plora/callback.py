@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -75,7 +76,14 @@ class PLoRACallback(TrainerCallback):
     base plus the adapter. Stage indices follow from the global step, so a resumed run needs no
     state from here. With ``run`` each unload is appended to the run's event log, and with
     ``save_stage_factors`` each merge's factors are written to its ``stages/`` (rank 0 only).
+
+    With ``evaluate`` (the Trainer's, set once the Trainer exists) the held-out loss is computed
+    just before each unload (logged as ``eval_before_unload_loss``) and, through the Trainer's own
+    evaluation, just after it (``eval_loss`` at the same step). An unload that keeps the output
+    (m = 0, or the ``preserve`` rule) must leave it unchanged: a live check of the unload.
     """
+
+    PRESERVED_TOLERANCE = 1e-3  # relative; fp32 merges change the loss in the 6th digit, bf16 ones more
 
     def __init__(
         self,
@@ -93,10 +101,31 @@ class PLoRACallback(TrainerCallback):
         self.max_bad_stages = max_bad_stages
         self.bad_stages = 0
         self.events: list[dict] = []
+        self.evaluate: Callable[..., dict] | None = None
+        self._before: tuple[int, float] | None = None  # (step, held-out loss before its unload)
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
-        if self.plan.is_boundary(state.global_step, state.max_steps):
-            self._unload(state, model, optimizer, final=False)
+        if not self.plan.is_boundary(state.global_step, state.max_steps):
+            return
+        if self.evaluate is not None:
+            loss = self.evaluate(metric_key_prefix="eval_before_unload")["eval_before_unload_loss"]
+            self._before = (state.global_step, loss)
+            control.should_evaluate = True  # the Trainer evaluates again after this step's unload
+        self._unload(state, model, optimizer, final=False)
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if self._before is None or self._before[0] != state.global_step or "eval_loss" not in (metrics or {}):
+            return
+        (step, before), after = self._before, metrics["eval_loss"]
+        self._before = None
+        logger.info("held-out loss at step %d: %.6g before the unload, %.6g after", step, before, after)
+        keeps_output = self.plan.momentum == 0 or self.plan.mode == "preserve"
+        if keeps_output and abs(after - before) > self.PRESERVED_TOLERANCE * abs(before):
+            logger.warning(
+                "the unload at step %d changed the held-out loss from %.6g to %.6g, though with momentum %g (%s) "
+                "it keeps the model's output: check the merge (dtype, compensation)",
+                step, before, after, self.plan.momentum, self.plan.mode,
+            )  # fmt: skip
 
     def on_train_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         if self.stop is not None and self.stop.stopped_early(state):

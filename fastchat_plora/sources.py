@@ -253,3 +253,10 @@ def load_training_data(entries: list[str], seed: int) -> list[list[Message]]:
         logger.info("data: %s: %d of its %d conversations", source.location, count, len(records))
     rng.shuffle(mix)
     return mix
+
+
+def hold_out(conversations: list, count: int) -> tuple[list, list]:
+    """(all but the last `count` conversations, the last `count`): a held-out slice of the training data."""
+    if count >= len(conversations):
+        raise DataError(f"eval_holdout={count}: the training data holds only {len(conversations)} conversations")
+    return conversations[:-count], conversations[-count:]

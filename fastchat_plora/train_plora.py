@@ -34,7 +34,7 @@ from fastchat_plora.distributed import (
 from fastchat_plora.models import DTYPES, load_model, load_tokenizer, resolve_model_path, save_model
 from fastchat_plora.plora import PAPER_STAGE_SAMPLES, StagePlan, steps_per_stage, update_rank
 from fastchat_plora.rundir import RunDir
-from fastchat_plora.sources import load_training_data
+from fastchat_plora.sources import hold_out, load_training_data
 from fastchat_plora.tracking import WandbPLoRACallback, finish_wandb, prepare_wandb, wandb_identity
 from fastchat_plora.trainer import PLoRATrainer
 
@@ -53,8 +53,7 @@ def main(model_args, data_args, lora_args, plora_args, training_args) -> dict:
     zero = uses_zero(training_args)
     if zero:
         init_deepspeed_comm(training_args)
-    conversations = load_training_data(data_args.data_path, training_args.seed)  # bad data fails first
-    conversations = conversations[: data_args.max_train_samples]
+    conversations, held_out = load_data(data_args, training_args.seed)  # bad data fails first
 
     model_path = resolve_model_path(model_args.model_name_or_path)
     tokenizer = load_tokenizer(model_path, data_args.model_max_length)
@@ -70,7 +69,10 @@ def main(model_args, data_args, lora_args, plora_args, training_args) -> dict:
     if adapted and resume:
         check_resumable(resume, model, base_sum)  # before the run directory is touched
     trainable = trainable_parameters(model)
-    dataset = make_dataset(conversations, tokenizer, data_args.model_max_length, data_args.conv_template)
+    dataset, eval_dataset = (
+        make_dataset(c, tokenizer, data_args.model_max_length, data_args.conv_template) if c else None
+        for c in (conversations, held_out)
+    )
     tags = [plora_args.finetune_mode] + ([f"r{lora_args.lora_r}"] if adapted else [])
     identity = wandb_identity(run.path, resume is not None, training_args.run_name, tags)
     wandb_env = prepare_wandb(training_args.report_to, identity)  # offline without a key; error without the package
@@ -82,10 +84,13 @@ def main(model_args, data_args, lora_args, plora_args, training_args) -> dict:
     callbacks = make_callbacks(args, plan, weights, run, stop, resume=resume, base_sum=base_sum,
                                wandb=wandb_env is not None, trainable=trainable)  # fmt: skip
     trainer = PLoRATrainer(
-        model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer, callbacks=callbacks,
-        data_collator=make_collator(tokenizer, training_args.padding_free), plan=plan if adapted else None,
-        weights=weights, base_checksum=base_sum, labeled_logits_only=training_args.labeled_logits_only,
+        model=model, args=training_args, train_dataset=dataset, eval_dataset=eval_dataset, processing_class=tokenizer,
+        callbacks=list(callbacks.values()), data_collator=make_collator(tokenizer, training_args.padding_free),
+        plan=plan if adapted else None, weights=weights, base_checksum=base_sum,
+        labeled_logits_only=training_args.labeled_logits_only,
     )  # fmt: skip
+    if eval_dataset is not None and "unloads" in callbacks:  # the held-out loss on both sides of every unload
+        callbacks["unloads"].evaluate = trainer.evaluate
 
     stop.install()
     try:
@@ -107,22 +112,34 @@ def main(model_args, data_args, lora_args, plora_args, training_args) -> dict:
 
 def make_callbacks(
     args: tuple, plan, weights, run: RunDir, stop, *, resume, base_sum: str, wandb: bool, trainable: int
-) -> list:
+) -> dict:
     """Preemption; in lora/plora mode the unloads (and, resuming under ZeRO, the merged weights' restore);
     the PLoRA keys and config in W&B. Each is held by name: no callback is found by its position."""
     _, _, _, plora_args, training_args = args
-    callbacks = [PreemptionCallback(stop)]
-    unloads = None
+    callbacks = {"preemption": PreemptionCallback(stop)}
     if plora_args.finetune_mode != "full":
-        unloads = PLoRACallback(plan, weights, run=run, save_stage_factors=plora_args.save_stage_factors, stop=stop,
-                                max_bad_stages=plora_args.max_bad_stages)  # fmt: skip
-        callbacks.append(unloads)
+        callbacks["unloads"] = PLoRACallback(
+            plan, weights, run=run, save_stage_factors=plora_args.save_stage_factors, stop=stop,
+            max_bad_stages=plora_args.max_bad_stages,
+        )  # fmt: skip
         if resume and uses_zero(training_args):
-            callbacks.append(RestoreBaseWeights(resume, weights, base_sum))
+            callbacks["restore"] = RestoreBaseWeights(resume, weights, base_sum)
     if wandb:
         config = {"trainable_parameters": trainable, **as_dict(args[:4])}
-        callbacks.append(WandbPLoRACallback(config, unloads.events if unloads else None, run.path))
+        events = callbacks["unloads"].events if "unloads" in callbacks else None
+        callbacks["wandb"] = WandbPLoRACallback(config, events, run.path)
     return callbacks
+
+
+def load_data(data_args, seed: int) -> tuple[list, list | None]:
+    """The training conversations and the held-out ones (None without eval data)."""
+    conversations = load_training_data(data_args.data_path, seed)
+    held_out = None
+    if data_args.eval_holdout:
+        conversations, held_out = hold_out(conversations, data_args.eval_holdout)
+    elif data_args.eval_data_path:
+        held_out = load_training_data(data_args.eval_data_path, seed)
+    return conversations[: data_args.max_train_samples], held_out
 
 
 def as_dict(arg_groups: tuple) -> dict:

@@ -8,6 +8,7 @@ import shutil
 import time
 from pathlib import Path
 
+import torch
 from peft import PeftModel
 from safetensors.torch import save_file
 from torch.optim.lr_scheduler import LambdaLR
@@ -83,6 +84,23 @@ class PLoRATrainer(Trainer):
         if self.args.average_tokens_across_devices:
             loss = loss * self.accelerator.num_processes  # as the Trainer does for a model's own loss
         return loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Evaluation is the held-out loss: the labeled-positions loss of training, no logits kept."""
+        if not self.labeled_logits_only or self.args.use_liger_kernel or "labels" not in inputs:
+            return super().prediction_step(model, inputs, True, ignore_keys)
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss, count = labeled_loss(model, inputs, wrapped=model is not self.accelerator.unwrap_model(model))
+        return (loss / count).detach(), None, None
+
+    def evaluate(self, *args, **kwargs) -> dict[str, float]:
+        """The Trainer's evaluation; its time is left out of the training tokens/s."""
+        start = time.perf_counter()
+        try:
+            return super().evaluate(*args, **kwargs)
+        finally:
+            self._last_log += time.perf_counter() - start
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         # The base weights hold the merged stages, which PEFT's adapter loading knows nothing of:

@@ -84,6 +84,22 @@ class DataArguments:
         default=None,
         metadata={"help": "Hold out the last N conversations of the training data as eval data instead."},
     )
+    sample_prompts: int = field(
+        default=0,
+        metadata={
+            "help": "Greedy replies to N fixed prompts (the first N eval conversations, or --sample_prompts_file) "
+            "before training, after every unload and at the end, in OUTPUT_DIR/samples.jsonl and a W&B table. "
+            "0: off (all of the file's prompts when a file is given)."
+        },
+    )
+    sample_prompts_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "Prompts for --sample_prompts: conversations in a data_path format (each up to its first "
+            "reply), or a .txt file with one user message a line."
+        },
+    )
+    sample_max_new_tokens: int = field(default=64, metadata={"help": "Length limit of each sample reply."})
 
 
 @dataclass
@@ -311,6 +327,16 @@ def validate(model_args, data_args, lora_args, plora_args, training_args) -> Non
     if data_args.max_train_samples is not None and data_args.max_train_samples <= 0:
         raise ConfigError(f"max_train_samples={data_args.max_train_samples}: must be positive")
     check_eval(data_args, training_args)
+    if data_args.sample_prompts < 0:
+        raise ConfigError(f"sample_prompts={data_args.sample_prompts}: must be 0 (off) or positive")
+    if data_args.sample_max_new_tokens <= 0:
+        raise ConfigError(f"sample_max_new_tokens={data_args.sample_max_new_tokens}: must be positive")
+    has_eval_data = data_args.eval_holdout is not None or bool(data_args.eval_data_path)
+    if data_args.sample_prompts and not (data_args.sample_prompts_file or has_eval_data):
+        raise ConfigError(
+            f"sample_prompts={data_args.sample_prompts} takes its prompts from eval data: pass --eval_data_path, "
+            "--eval_holdout or --sample_prompts_file"
+        )
     if mode != "full":
         if lora_args.lora_r <= 0:
             raise ConfigError(f"lora_r={lora_args.lora_r}: must be a positive integer")

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import logging
 import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from transformers import TrainerCallback
 
 from fastchat_plora.checkpoint import restore_base_weights
@@ -176,3 +178,63 @@ class PLoRACallback(TrainerCallback):
         )
         if self.run is not None and state.is_world_process_zero:
             self.run.append_event(event)
+
+
+class SamplesCallback(TrainerCallback):
+    """Greedy replies to a few fixed prompts before training, after every unload and at the end.
+
+    Each round appends rows (step, stage, prompt, output) to the run's `samples.jsonl` (rank 0) and
+    to ``rows``, which the W&B callback logs as a table. Every rank generates (under ZeRO-3 the
+    layers are gathered for each forward, so all ranks must take part). Must come after the
+    PLoRACallback, so that a boundary's replies are the merged model's.
+    """
+
+    def __init__(
+        self,
+        prompts: list[tuple[str, list[int]]],
+        plan: StagePlan,
+        *,
+        run: RunDir | None = None,
+        max_new_tokens: int = 64,
+        synced_gpus: bool = False,
+        stop: StopRequest | None = None,
+    ):
+        self.prompts, self.plan, self.run = prompts, plan, run
+        self.max_new_tokens, self.synced_gpus, self.stop = max_new_tokens, synced_gpus, stop
+        self.rows: list[dict] = []
+
+    def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
+        if state.global_step == 0:
+            self._sample(state, model, processing_class, stage=0)
+
+    def on_step_end(self, args, state, control, model=None, processing_class=None, **kwargs):
+        if self.plan.is_boundary(state.global_step, state.max_steps):
+            self._sample(state, model, processing_class, stage=self.plan.stage_of(state.global_step))
+
+    def on_train_end(self, args, state, control, model=None, processing_class=None, **kwargs):
+        if self.stop is None or not self.stop.stopped_early(state):
+            stage = self.plan.stage_of(state.global_step)
+            self._sample(state, model, processing_class, stage=stage, final=True)
+
+    @torch.no_grad()
+    def _sample(self, state, model, tokenizer, stage: int, final: bool = False) -> None:
+        start, training = time.perf_counter(), model.training
+        model.eval()
+        device = next(model.parameters()).device
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        rows = []
+        for text, ids in self.prompts:
+            input_ids = torch.tensor([ids], device=device)
+            out = model.generate(
+                input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=self.max_new_tokens,
+                do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=pad,
+                synced_gpus=self.synced_gpus,
+            )  # fmt: skip
+            reply = tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True)
+            rows.append({"step": state.global_step, "stage": stage, "final": final, "prompt": text, "output": reply})
+        model.train(training)
+        self.rows += rows
+        if self.run is not None and state.is_world_process_zero:
+            self.run.append_samples(rows)
+        logger.info("samples at step %d: %d prompts in %.1f s", state.global_step, len(rows),
+                    time.perf_counter() - start)  # fmt: skip

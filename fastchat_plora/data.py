@@ -177,6 +177,11 @@ class ChatRenderer:
             return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
         return fastchat_render(self.conv_template, messages, generation_prompt)
 
+    def prompt(self, messages: list[Message]) -> str:
+        """The conversation up to its first assistant turn (all of it, without one), ending in the generation prompt."""
+        first = next((i for i, m in enumerate(messages) if m["role"] == "assistant"), len(messages))
+        return self._text(messages[:first], generation_prompt=True)
+
     def render(self, messages: list[Message]) -> Rendered:
         text = self._text(messages, generation_prompt=False)
         spans = []
@@ -207,6 +212,16 @@ def tokenize(rendered: Rendered, tokenizer: PreTrainedTokenizerBase) -> dict:
     special = adds_special_tokens(rendered.text, tokenizer)
     enc = tokenizer(rendered.text, add_special_tokens=special, return_offsets_mapping=True)
     return {"input_ids": enc["input_ids"], "offsets": enc["offset_mapping"]}
+
+
+def generation_prompts(conversations: list[list[Message]], renderer: ChatRenderer) -> list[tuple[str, list[int]]]:
+    """Each conversation's prompt (up to its first reply) as text and token ids, tokenised as in training."""
+    prompts = []
+    for messages in conversations:
+        text = renderer.prompt(messages)
+        ids = renderer.tokenizer(text, add_special_tokens=adds_special_tokens(text, renderer.tokenizer))["input_ids"]
+        prompts.append((text, ids))
+    return prompts
 
 
 def mask_labels(input_ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:

@@ -30,6 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 EVENTS_FILE = "unload_events.jsonl"
+SAMPLES_FILE = "samples.jsonl"  # greedy replies to fixed prompts, by step
 STAGES_DIR = "stages"
 RUN_ARGS_FILE = "run_args.json"
 SUMMARY_FILE = "summary.json"
@@ -53,6 +54,12 @@ def is_complete(checkpoint: Path) -> bool:
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     with safe_open(str(path), "pt") as f:
         return {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
 
 
 def checkpoint_step(checkpoint: Path) -> int:
@@ -128,9 +135,15 @@ class RunDir:
             f.write(json.dumps(event) + "\n")
 
     def events(self) -> list[dict]:
-        if not self.events_file.is_file():
-            return []
-        return [json.loads(line) for line in self.events_file.read_text().splitlines() if line.strip()]
+        return read_jsonl(self.events_file)
+
+    @property
+    def samples_file(self) -> Path:
+        return self.path / SAMPLES_FILE
+
+    def append_samples(self, rows: list[dict]) -> None:
+        with self.samples_file.open("a", encoding="utf-8") as f:
+            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
     def stage_file(self, stage: int) -> Path:
         return self.path / STAGES_DIR / f"stage-{stage:05d}.safetensors"
@@ -177,15 +190,16 @@ class RunDir:
     def trim(self, resume: Path | None) -> None:
         """Forget what came after the checkpoint a run resumes from: all of it for a fresh run.
 
-        Unload events and stage files after its step go, and so does a final merge (the run goes on
-        past it); earlier ones are the resumed run's own.
+        Unload events, samples and stage files after its step go, and so does a final merge (the run
+        goes on past it); earlier ones are the resumed run's own.
         """
         last_step = checkpoint_step(resume) if resume is not None else None
-        if last_step is None:
-            self.events_file.unlink(missing_ok=True)
-        elif self.events_file.is_file():
-            kept = [e for e in self.events() if e["step"] <= last_step and not e.get("final")]
-            self.events_file.write_text("".join(json.dumps(e) + "\n" for e in kept))
+        for log in (self.events_file, self.samples_file):
+            if last_step is None:
+                log.unlink(missing_ok=True)
+            elif log.is_file():
+                kept = [e for e in read_jsonl(log) if e["step"] <= last_step and not e.get("final")]
+                log.write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in kept))
         for path in self.stage_files():
             with safe_open(str(path), "pt") as f:
                 metadata = f.metadata()

@@ -260,3 +260,16 @@ def hold_out(conversations: list, count: int) -> tuple[list, list]:
     if count >= len(conversations):
         raise DataError(f"eval_holdout={count}: the training data holds only {len(conversations)} conversations")
     return conversations[:-count], conversations[-count:]
+
+
+def load_prompts(location: str) -> list[list[Message]]:
+    """Prompts for sample replies: a .txt file (one user message a line) or conversations in any source format."""
+    if not location.endswith(".txt"):
+        return load_source(location)
+    path = Path(location)
+    if not path.is_file():
+        raise DataError(f"prompts file not found: {path}")
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
+    if not lines:
+        raise DataError(f"prompts file holds no prompt: {path}")
+    return [[{"role": "user", "content": line}] for line in lines]

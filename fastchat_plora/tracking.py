@@ -80,13 +80,20 @@ class WandbPLoRACallback(TrainerCallback):
     """Adds the PLoRA config and unload events to the run the Trainer's WandbCallback started.
 
     Must come after that callback (the Trainer puts its reporting callbacks before user ones), so the
-    run exists by `on_train_begin`. Unload events are read from the PLoRACallback's event list.
+    run exists by `on_train_begin`. Unload events are read from the PLoRACallback's event list;
+    sample replies from the SamplesCallback's rows, logged as one table (`plora/samples`: step,
+    stage, prompt, output) that grows with each round.
     """
 
-    def __init__(self, config: dict, events: list[dict] | None, output_dir: str | Path):
+    SAMPLE_COLUMNS = ("step", "stage", "prompt", "output")
+
+    def __init__(
+        self, config: dict, events: list[dict] | None, output_dir: str | Path, samples: list[dict] | None = None
+    ):
         self.config = config
         self.events = events if events is not None else []
-        self.logged = 0
+        self.samples = samples if samples is not None else []
+        self.logged = self.samples_logged = 0
         self.output_dir = Path(output_dir)
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -107,9 +114,22 @@ class WandbPLoRACallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self._log_new_events(state)
+        self._log_samples(state)
 
     def on_train_end(self, args, state, control, **kwargs):
         self._log_new_events(state)
+        self._log_samples(state)
+
+    def _log_samples(self, state) -> None:
+        import wandb
+
+        if wandb.run is None or not state.is_world_process_zero or len(self.samples) == self.samples_logged:
+            return
+        # a W&B table is immutable once logged: each round logs the whole table so far
+        rows = [[row[c] for c in self.SAMPLE_COLUMNS] for row in self.samples]
+        wandb.log({"plora/samples": wandb.Table(columns=list(self.SAMPLE_COLUMNS), data=rows),
+                   "train/global_step": state.global_step})  # fmt: skip
+        self.samples_logged = len(self.samples)
 
     def _log_new_events(self, state) -> None:
         import wandb

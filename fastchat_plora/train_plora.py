@@ -20,9 +20,16 @@ from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
 
 from fastchat_plora.adapters import add_adapters, probe_layer
 from fastchat_plora.args import parse_args, validate
-from fastchat_plora.callback import PLoRACallback, PreemptionCallback, RestoreBaseWeights, StopRequest, TrainingDiverged
+from fastchat_plora.callback import (
+    PLoRACallback,
+    PreemptionCallback,
+    RestoreBaseWeights,
+    SamplesCallback,
+    StopRequest,
+    TrainingDiverged,
+)
 from fastchat_plora.checkpoint import base_checksum, check_resumable
-from fastchat_plora.data import make_dataset, use_prompt_format
+from fastchat_plora.data import ChatRenderer, generation_prompts, make_dataset, use_prompt_format
 from fastchat_plora.distributed import (
     check_only_adapters_train,
     check_supported,
@@ -34,7 +41,7 @@ from fastchat_plora.distributed import (
 from fastchat_plora.models import DTYPES, load_model, load_tokenizer, resolve_model_path, save_model
 from fastchat_plora.plora import PAPER_STAGE_SAMPLES, StagePlan, steps_per_stage, update_rank
 from fastchat_plora.rundir import RunDir
-from fastchat_plora.sources import hold_out, load_training_data
+from fastchat_plora.sources import hold_out, load_prompts, load_training_data
 from fastchat_plora.tracking import WandbPLoRACallback, finish_wandb, prepare_wandb, wandb_identity
 from fastchat_plora.trainer import PLoRATrainer
 
@@ -53,7 +60,7 @@ def main(model_args, data_args, lora_args, plora_args, training_args) -> dict:
     zero = uses_zero(training_args)
     if zero:
         init_deepspeed_comm(training_args)
-    conversations, held_out = load_data(data_args, training_args.seed)  # bad data fails first
+    conversations, held_out, samples = load_data(data_args, training_args.seed)  # bad data fails first
 
     model_path = resolve_model_path(model_args.model_name_or_path)
     tokenizer = load_tokenizer(model_path, data_args.model_max_length)
@@ -73,6 +80,7 @@ def main(model_args, data_args, lora_args, plora_args, training_args) -> dict:
         make_dataset(c, tokenizer, data_args.model_max_length, data_args.conv_template) if c else None
         for c in (conversations, held_out)
     )
+    prompts = generation_prompts(samples, ChatRenderer(tokenizer, data_args.conv_template))
     tags = [plora_args.finetune_mode] + ([f"r{lora_args.lora_r}"] if adapted else [])
     identity = wandb_identity(run.path, resume is not None, training_args.run_name, tags)
     wandb_env = prepare_wandb(training_args.report_to, identity)  # offline without a key; error without the package
@@ -82,7 +90,7 @@ def main(model_args, data_args, lora_args, plora_args, training_args) -> dict:
         run.trim(resume)
     stop = StopRequest()
     callbacks = make_callbacks(args, plan, weights, run, stop, resume=resume, base_sum=base_sum,
-                               wandb=wandb_env is not None, trainable=trainable)  # fmt: skip
+                               wandb=wandb_env is not None, trainable=trainable, prompts=prompts)  # fmt: skip
     trainer = PLoRATrainer(
         model=model, args=training_args, train_dataset=dataset, eval_dataset=eval_dataset, processing_class=tokenizer,
         callbacks=list(callbacks.values()), data_collator=make_collator(tokenizer, training_args.padding_free),
@@ -111,11 +119,11 @@ def main(model_args, data_args, lora_args, plora_args, training_args) -> dict:
 
 
 def make_callbacks(
-    args: tuple, plan, weights, run: RunDir, stop, *, resume, base_sum: str, wandb: bool, trainable: int
+    args: tuple, plan, weights, run: RunDir, stop, *, resume, base_sum: str, wandb: bool, trainable: int, prompts
 ) -> dict:
     """Preemption; in lora/plora mode the unloads (and, resuming under ZeRO, the merged weights' restore);
-    the PLoRA keys and config in W&B. Each is held by name: no callback is found by its position."""
-    _, _, _, plora_args, training_args = args
+    sample replies; the PLoRA keys, config and samples in W&B. Held by name, in the order they must run."""
+    _, data_args, _, plora_args, training_args = args
     callbacks = {"preemption": PreemptionCallback(stop)}
     if plora_args.finetune_mode != "full":
         callbacks["unloads"] = PLoRACallback(
@@ -124,22 +132,33 @@ def make_callbacks(
         )  # fmt: skip
         if resume and uses_zero(training_args):
             callbacks["restore"] = RestoreBaseWeights(resume, weights, base_sum)
+    if prompts:  # after the unloads: a boundary's replies are the merged model's
+        callbacks["samples"] = SamplesCallback(
+            prompts, plan if plora_args.finetune_mode == "plora" else StagePlan(), run=run, stop=stop,
+            max_new_tokens=data_args.sample_max_new_tokens, synced_gpus=uses_zero(training_args),
+        )  # fmt: skip
     if wandb:
         config = {"trainable_parameters": trainable, **as_dict(args[:4])}
         events = callbacks["unloads"].events if "unloads" in callbacks else None
-        callbacks["wandb"] = WandbPLoRACallback(config, events, run.path)
+        samples = callbacks["samples"].rows if "samples" in callbacks else None
+        callbacks["wandb"] = WandbPLoRACallback(config, events, run.path, samples)
     return callbacks
 
 
-def load_data(data_args, seed: int) -> tuple[list, list | None]:
-    """The training conversations and the held-out ones (None without eval data)."""
+def load_data(data_args, seed: int) -> tuple[list, list | None, list]:
+    """The training conversations, the held-out ones (None without eval data), and the conversations
+    whose prompts the sample replies answer (none when they are off)."""
     conversations = load_training_data(data_args.data_path, seed)
     held_out = None
     if data_args.eval_holdout:
         conversations, held_out = hold_out(conversations, data_args.eval_holdout)
     elif data_args.eval_data_path:
         held_out = load_training_data(data_args.eval_data_path, seed)
-    return conversations[: data_args.max_train_samples], held_out
+    samples, count = held_out or [], data_args.sample_prompts
+    if data_args.sample_prompts_file:
+        samples = load_prompts(data_args.sample_prompts_file)
+        count = count or len(samples)
+    return conversations[: data_args.max_train_samples], held_out, samples[:count]
 
 
 def as_dict(arg_groups: tuple) -> dict:

@@ -86,3 +86,50 @@ def test_the_loss_figure_draws_the_held_out_loss_and_the_stage_boundaries(tiny_m
     assert [text.get_text() for text in axes.get_legend().get_texts()] == ["plora r2 m=0.0", "plora r2 m=0.0, held-out"]
     assert [line.get_xdata()[0] for line in axes.lines if line.get_linestyle() == ":"] == [2, 4]
     assert png.read_bytes().startswith(b"\x89PNG")
+
+
+def read_samples(run) -> list[dict]:
+    return [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+
+
+def test_samples_before_training_after_every_unload_and_at_the_end(tiny_model_dir, tmp_path, tokenizer):
+    train_with_eval(tiny_model_dir, tmp_path, sample_prompts=2, sample_max_new_tokens=5)
+    rows = read_samples(tmp_path / "run")
+    assert [(r["step"], r["stage"], r["final"]) for r in rows] == [
+        (0, 0, False), (0, 0, False), (2, 0, False), (2, 0, False), (4, 1, False), (4, 1, False),
+        (6, 2, True), (6, 2, True),
+    ]  # fmt: skip
+    held_out = [json.loads(line) for line in (tmp_path / "c.jsonl").read_text().splitlines()][-8:]
+    first_question = held_out[0]["conversations"][0]["value"]
+    assert rows[0]["prompt"] == tokenizer.apply_chat_template(
+        [{"role": "user", "content": first_question}], tokenize=False, add_generation_prompt=True
+    )
+    assert {r["prompt"] for r in rows} == {rows[0]["prompt"], rows[1]["prompt"]}  # the same two prompts each time
+    assert all(0 < len(tokenizer(r["output"], add_special_tokens=False)["input_ids"]) <= 6 for r in rows)
+
+
+def test_sample_prompts_from_a_text_file_without_eval_data(tiny_model_dir, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Say hi.\n\nCount to three.\n")
+    train_with_eval(tiny_model_dir, tmp_path, eval_holdout=None, sample_prompts_file=prompts, sample_max_new_tokens=3,
+                    finetune_mode="lora", unload_every_steps=None, max_steps=2)  # fmt: skip
+    rows = read_samples(tmp_path / "run")
+    assert [r["step"] for r in rows] == [0, 0, 2, 2] and "Count to three." in rows[1]["prompt"]
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--sample_prompts", "2"], "sample_prompts=2 takes its prompts from eval data: pass --eval_data_path"),
+        (["--sample_prompts", "-1"], "sample_prompts=-1: must be 0 (off) or positive"),
+        (["--sample_prompts_file", "nowhere.txt"], "prompts file not found: nowhere.txt"),
+        (["--sample_max_new_tokens", "0"], "sample_max_new_tokens=0: must be positive"),
+    ],
+)
+def test_bad_sample_settings_fail_before_anything_is_written(tiny_model_dir, conversations_file, tmp_path, capsys,
+                                                             flags, message):  # fmt: skip
+    out = tmp_path / "never"
+    assert cli([*tiny_run(tiny_model_dir, conversations_file, out, unload_every_steps=2), *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and message in err[-1]
+    assert not out.exists()

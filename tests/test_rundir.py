@@ -64,20 +64,28 @@ def test_a_run_is_not_written_over_unless_asked(tmp_path):
     run.check_writable(overwrite=False, resuming=True)
 
 
-def test_a_resumed_run_forgets_events_and_stages_after_its_checkpoint(tmp_path):
+def samples(run: RunDir) -> list[tuple[int, bool]]:
+    return [(row["step"], row["final"]) for row in map(json.loads, run.samples_file.read_text().splitlines())]
+
+
+def test_a_resumed_run_forgets_events_samples_and_stages_after_its_checkpoint(tmp_path):
     run = RunDir(tmp_path)
+    run.append_samples([{"step": 0, "final": False, "output": "before training"}])
     for stage, step, final in ((0, 2, False), (1, 4, False), (2, 5, True)):  # a run that ended at step 5
         run.save_stage(stage, step, {"base_model.model.x": (torch.zeros(3, 1), torch.zeros(1, 2))}, final=final)
         run.append_event({"step": step, "stage": stage, "final": final})
+        run.append_samples([{"step": step, "final": final, "output": "é"}])
     run.trim(checkpoint(run, 5))  # goes on from its last step: its final merge is undone
     assert [p.name for p in run.stage_files()] == ["stage-00000.safetensors", "stage-00001.safetensors"]
     assert [e["step"] for e in run.events()] == [2, 4]
+    assert samples(run) == [(0, False), (2, False), (4, False)]
     run.trim(checkpoint(run, 3))
+    assert samples(run) == [(0, False), (2, False)]
     assert [p.name for p in run.stage_files()] == ["stage-00000.safetensors"]
     assert run.events() == [{"step": 2, "stage": 0, "final": False}]
     assert set(run.load_stages()[0]) == {"x.lora_A", "x.lora_B"}  # the plain model's names
     run.trim(None)  # a fresh run
-    assert run.stage_files() == [] and run.events() == []
+    assert run.stage_files() == [] and run.events() == [] and not run.samples_file.exists()
 
 
 def test_stage_files_with_a_gap_are_refused(tmp_path):

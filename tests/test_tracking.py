@@ -124,3 +124,22 @@ def test_a_resumed_run_logs_to_the_same_wandb_run(offline_wandb, tiny_model_dir,
     assert "plora/update_norm" in history
     for var in ("WANDB_RUN_ID", "WANDB_RESUME", "WANDB_RUN_GROUP", "WANDB_TAGS"):
         assert var not in tracking.os.environ  # the training run's identity does not leak into the process
+
+
+def test_held_out_loss_and_the_samples_table_reach_the_offline_run(offline_wandb, tiny_model_dir, tmp_path):
+    data = write_conversations(tmp_path / "c.jsonl")
+    out = tmp_path / "run"
+    flags = tiny_run(tiny_model_dir, data, out, report_to="wandb", unload_every_steps=2, max_steps=4,
+                     save_strategy="no", eval_holdout=4, sample_prompts=2, sample_max_new_tokens=3)  # fmt: skip
+    assert cli(flags) == 0
+    run_id = json.loads((out / "wandb_run.json").read_text())["id"]
+    history, _, _ = run_contents(offline_wandb, run_id)
+    assert {"eval/loss", "eval/before_unload_loss", "plora/samples/_type"} <= history  # a table: nested keys
+    (files,) = offline_wandb.glob(f"wandb/offline-run-*-{run_id}/files")
+    tables = sorted(files.glob("media/table/plora/samples_*.table.json"), key=lambda p: p.stat().st_mtime)
+    last = json.loads(tables[-1].read_text())
+    assert last["columns"] == ["step", "stage", "prompt", "output"]
+    assert [row[0] for row in last["data"]] == [0, 0, 2, 2, 4, 4]  # before training, the unload, the end
+    assert [row[2:] for row in last["data"]] == [
+        [s["prompt"], s["output"]] for s in map(json.loads, (out / "samples.jsonl").read_text().splitlines())
+    ]

@@ -90,8 +90,10 @@ class PLoRATrainer(Trainer):
         if not self.labeled_logits_only or self.args.use_liger_kernel or "labels" not in inputs:
             return super().prediction_step(model, inputs, True, ignore_keys)
         inputs = self._prepare_inputs(inputs)
+        # ZeRO-3 evaluates the bare model, whose partitioned head is whole only inside the model's own forward
+        through_forward = model is not self.accelerator.unwrap_model(model) or is_partitioned(model)
         with torch.no_grad(), self.compute_loss_context_manager():
-            loss, count = labeled_loss(model, inputs, wrapped=model is not self.accelerator.unwrap_model(model))
+            loss, count = labeled_loss(model, inputs, wrapped=through_forward)
         return (loss / count).detach(), None, None
 
     def evaluate(self, *args, **kwargs) -> dict[str, float]:

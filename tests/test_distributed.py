@@ -104,6 +104,26 @@ def test_two_processes_train_what_one_trains(setup, launcher, extra, port):
         torch.testing.assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, atol=2e-4, rtol=1e-3)
 
 
+@pytest.mark.parametrize(
+    "launcher, extra, port",
+    [("torchrun", [], 29617), ("deepspeed", ["--deepspeed", str(REPO / "configs" / "ds" / "zero3.json")], 29618)],
+    ids=["ddp-gloo", "zero3"],
+)
+def test_held_out_loss_and_samples_with_two_processes(setup, launcher, extra, port):
+    """Every rank evaluates and generates (ZeRO-3 gathers layers for both); rank 0 writes once."""
+    base, data, _, tmp = setup
+    out = tmp / f"eval-{launcher}"
+    evals = ["--eval_holdout", "4", "--sample_prompts", "1", "--sample_max_new_tokens", "4", "--save_strategy", "no"]
+    launch(launcher, port, flags(base, data, out, 1, *extra, *evals), tmp / f"{out.name}.log")
+    history = json.loads((out / "log_history.json").read_text())
+    before = {e["step"]: e["eval_before_unload_loss"] for e in history if "eval_before_unload_loss" in e}
+    after = {e["step"]: e["eval_loss"] for e in history if "eval_loss" in e}
+    assert list(before) == list(after) == [2, 4]
+    assert all(after[s] == pytest.approx(before[s], rel=1e-4) for s in before)  # preserve: the output is kept
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [0, 2, 4, 6]
+
+
 def test_zero3_resumes_exactly_from_its_checkpoint(setup):
     base, data, _, tmp = setup
     zero3 = REPO / "configs" / "ds" / "zero3.json"

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from transformers import TrainerCallback
 
 from fastchat_plora.checkpoint import restore_base_weights
@@ -27,10 +28,17 @@ class TrainingDiverged(RuntimeError):
 
 
 class StopRequest:
-    """Set by SIGTERM (cluster preemption): the callback then saves a checkpoint and stops."""
+    """A request to stop after the current step with a checkpoint: SIGTERM (cluster preemption), or
+    the run's STOP file appearing (`touch OUTPUT_DIR/STOP`; launch/slurm.sbatch writes it when SLURM
+    warns that the job's time is up). Ranks may see a signal at different steps, and a rank that
+    stops alone leaves the others waiting in the next collective: `agree` turns the requests of all
+    ranks into one decision, at the same step on every rank.
+    """
 
-    def __init__(self):
-        self.requested = False
+    def __init__(self, stop_file: Path | None = None):
+        self.stop_file = stop_file
+        self.signalled = False  # this process got SIGTERM
+        self.agreed = False  # every rank has decided to stop
         self._previous = None
 
     def install(self) -> None:
@@ -42,20 +50,37 @@ class StopRequest:
 
     def _handle(self, signum, frame) -> None:
         logger.warning("SIGTERM: saving a checkpoint after this step, then stopping")
-        self.requested = True
+        self.signalled = True
+
+    def agree(self, device: torch.device | str = "cpu") -> bool:
+        """Whether any rank was asked to stop: one all-reduce over the ranks (a 1-element tensor, once
+        a step: microseconds against a step's seconds), nothing in a single process."""
+        wanted = self.signalled or (self.stop_file is not None and self.stop_file.exists())
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            flag = torch.tensor([int(wanted)], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            wanted = bool(flag.item())
+        self.agreed = self.agreed or wanted
+        return self.agreed
 
     def stopped_early(self, state) -> bool:
-        return self.requested and state.global_step < state.max_steps
+        return self.agreed and state.global_step < state.max_steps
 
 
 class PreemptionCallback(TrainerCallback):
-    """After a stop request, have the Trainer save a checkpoint at the end of this step and stop."""
+    """After a stop request, have the Trainer save a checkpoint at the end of this step and stop.
+
+    The decision is taken at every step end by all ranks together (`StopRequest.agree`), so every
+    rank stops at the same step and joins the same checkpoint save.
+    """
 
     def __init__(self, stop: StopRequest):
         self.stop = stop
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.stop.stopped_early(state):
+        device = args.device if args is not None else "cpu"
+        if self.stop.agree(device) and self.stop.stopped_early(state) and not control.should_training_stop:
+            logger.warning("stop requested: every rank stops after step %d, with a checkpoint", state.global_step)
             control.should_save = True
             control.should_training_stop = True
 

@@ -15,11 +15,15 @@ docs/run_directory.md (`eval/` reads these files and imports nothing from here):
                                   stands on (index, sha256) and a checksum of W_0
       .staging/              a checkpoint being written; renamed to checkpoint-N when complete
       wandb_run.json         the W&B run that trained the model, for evaluation to log into
+      samples.jsonl          sample replies to fixed prompts, by step (--sample_prompts)
+      STOP                   written by a user or launch script: stop after this step with a checkpoint
+      run_identity.json      model, mode, rank, stage settings, seed...: a resume must match them
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -38,9 +42,14 @@ LOG_HISTORY_FILE = "log_history.json"
 WANDB_RUN_FILE = "wandb_run.json"
 STATE_FILE = "plora_state.safetensors"  # inside a LoRA/PLoRA checkpoint-N
 STAGING_DIR = ".staging"
+STOP_FILE = "STOP"
+IDENTITY_FILE = "run_identity.json"  # the settings that make a run this run, written at its start
+# what a run writes before its first checkpoint: a directory holding only these is an unfinished run
+BEFORE_FIRST_CHECKPOINT = {STAGES_DIR, EVENTS_FILE, SAMPLES_FILE, WANDB_RUN_FILE, STAGING_DIR, STOP_FILE, IDENTITY_FILE}
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 COMPLETE_MARKER = "trainer_state.json"  # written last by the HF Trainer
 PEFT_PREFIX = "base_model.model."  # PEFT's module names over the wrapped model's own
+logger = logging.getLogger(__name__)
 
 
 class RunDirError(ValueError):
@@ -99,12 +108,14 @@ class RunDir:
             shutil.rmtree(self.checkpoint(step))
 
     def resume_point(self, value: str | bool | None) -> Path | None:
-        """The checkpoint ``--resume_from_checkpoint value`` names: a path, or `latest` (also `true`)."""
+        """The checkpoint ``--resume_from_checkpoint value`` names: a path, `latest` (also `true`), or
+        `auto`: the latest complete checkpoint when there is one, else None (start fresh)."""
         if not value or str(value).lower() == "false":
             return None
-        if str(value).lower() in ("latest", "true"):
+        if str(value).lower() in ("latest", "true", "auto"):
+            self.warn_incomplete_checkpoints()
             found = self.latest_checkpoint()
-            if found is None:
+            if found is None and str(value).lower() != "auto":
                 raise RunDirError(f"resume_from_checkpoint={value}: no complete checkpoint in {self.path}")
             return found
         path = Path(value)
@@ -114,16 +125,54 @@ class RunDir:
             raise RunDirError(f"resume_from_checkpoint={value}: not a complete checkpoint (no {COMPLETE_MARKER})")
         return path
 
-    def check_writable(self, overwrite: bool, resuming: bool) -> None:
-        """Refuse to write into a directory that already holds a run, unless resuming or overwriting."""
+    def warn_incomplete_checkpoints(self) -> None:
+        incomplete = [p.name for p in self.path.glob("checkpoint-*") if p.is_dir() and not is_complete(p)]
+        if incomplete:
+            logger.warning("%s: %s not complete (no %s), passed over", self.path, ", ".join(sorted(incomplete)),
+                           COMPLETE_MARKER)  # fmt: skip
+
+    def check_writable(self, overwrite: bool, resuming: bool, auto: bool = False) -> None:
+        """Refuse to write into a directory that already holds a run, unless resuming or overwriting.
+
+        ``auto`` (resume if possible) without a checkpoint to resume accepts a directory holding only
+        what a run writes before its first checkpoint: that run is started over.
+        """
         if self.path.is_file():
             raise RunDirError(f"output_dir={str(self.path)!r} is a file")
-        holds_run = self.path.is_dir() and any(os.scandir(self.path))
-        if holds_run and not (overwrite or resuming):
+        entries = {entry.name for entry in os.scandir(self.path)} if self.path.is_dir() else set()
+        if auto and not resuming:
+            others = sorted(entries - BEFORE_FIRST_CHECKPOINT)
+            if others and not overwrite:
+                raise RunDirError(
+                    f"output_dir={str(self.path)!r} holds {others[0]!r} and no checkpoint: not an unfinished run "
+                    "to resume; pass another --output_dir, or --overwrite_output_dir"
+                )
+            return
+        if entries and not (overwrite or resuming):
             raise RunDirError(
                 f"output_dir={str(self.path)!r} already holds a run; pass --overwrite_output_dir or "
                 "--resume_from_checkpoint"
             )
+
+    @property
+    def stop_file(self) -> Path:
+        return self.path / STOP_FILE
+
+    def write_identity(self, identity: dict) -> None:
+        (self.path / IDENTITY_FILE).write_text(json.dumps(identity, indent=2))
+
+    def check_identity(self, identity: dict) -> None:
+        """Refuse to go on with a run that other settings started (a directory without the file passes)."""
+        path = self.path / IDENTITY_FILE
+        if not path.is_file():
+            return
+        saved = json.loads(path.read_text())
+        for key, value in identity.items():
+            if key in saved and saved[key] != value:
+                raise RunDirError(
+                    f"output_dir={str(self.path)!r} holds a run with {key}={saved[key]!r}, this one has "
+                    f"{key}={value!r}: pass that run's own settings, or another --output_dir"
+                )
 
     # -- unload events and stage factors ---------------------------------------------------------
     @property
@@ -187,13 +236,17 @@ class RunDir:
             )
         return [read_tensors(path) for path in paths]
 
-    def trim(self, resume: Path | None) -> None:
+    def trim(self, resume: Path | None, started: float | None = None) -> None:
         """Forget what came after the checkpoint a run resumes from: all of it for a fresh run.
 
         Unload events, samples and stage files after its step go, and so does a final merge (the run
-        goes on past it); earlier ones are the resumed run's own.
+        goes on past it); earlier ones are the resumed run's own. A STOP file older than ``started``
+        (the process's start, as time.time()) asked an earlier attempt to stop and goes too; a newer
+        one asks this attempt.
         """
         last_step = checkpoint_step(resume) if resume is not None else None
+        if self.stop_file.exists() and (started is None or self.stop_file.stat().st_mtime < started):
+            self.stop_file.unlink()
         for log in (self.events_file, self.samples_file):
             if last_step is None:
                 log.unlink(missing_ok=True)

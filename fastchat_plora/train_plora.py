@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import sys
+import time
 from collections import defaultdict
 
 import torch
@@ -51,12 +52,20 @@ PREEMPTED_EXIT = 143  # 128 + SIGTERM: stopped on request, checkpoint saved, not
 
 def main(model_args, data_args, lora_args, plora_args, training_args) -> dict:
     """Train and save; returns the run summary. Every check runs before output_dir is written."""
-    args = (model_args, data_args, lora_args, plora_args, training_args)
+    started, args = time.time(), (model_args, data_args, lora_args, plora_args, training_args)
     validate(*args)
     check_supported(training_args, plora_args.finetune_mode)  # a distributed setup the unload cannot work under
     run = RunDir(training_args.output_dir)
+    auto = str(training_args.resume_from_checkpoint).lower() == "auto"
+    settings = run_identity(args)
+    if auto and run.summary() is not None:  # a requeued job whose run had finished
+        run.check_identity(settings)
+        logger.info("%s holds a finished run: nothing to resume", run.path)
+        return run.summary()
     resume = run.resume_point(training_args.resume_from_checkpoint)
-    run.check_writable(training_args.overwrite_output_dir, resuming=resume is not None)
+    run.check_writable(training_args.overwrite_output_dir, resuming=resume is not None, auto=auto)
+    if resume is not None:
+        run.check_identity(settings)
     zero = uses_zero(training_args)
     if zero:
         init_deepspeed_comm(training_args)
@@ -87,8 +96,9 @@ def main(model_args, data_args, lora_args, plora_args, training_args) -> dict:
 
     run.path.mkdir(parents=True, exist_ok=True)
     if training_args.process_index == 0:  # one process tidies the shared output directory
-        run.trim(resume)
-    stop = StopRequest()
+        run.trim(resume, started)
+        run.write_identity(settings)
+    stop = StopRequest(run.stop_file)
     callbacks = make_callbacks(args, plan, weights, run, stop, resume=resume, base_sum=base_sum,
                                wandb=wandb_env is not None, trainable=trainable, prompts=prompts)  # fmt: skip
     trainer = PLoRATrainer(
@@ -143,6 +153,16 @@ def make_callbacks(
         samples = callbacks["samples"].rows if "samples" in callbacks else None
         callbacks["wandb"] = WandbPLoRACallback(config, events, run.path, samples)
     return callbacks
+
+
+IDENTITY = {  # the settings a resumed run must share with the run it goes on with
+    "model_name_or_path", "model_dtype", "finetune_mode", "lora_r", "lora_alpha", "lora_target_modules", "lora_init",
+    "unload_every_steps", "unload_every_samples", "unload_momentum", "momentum_mode", "seed",
+}  # fmt: skip
+
+
+def run_identity(args: tuple) -> dict:
+    return {key: value for key, value in as_dict(args).items() if key in IDENTITY}
 
 
 def load_data(data_args, seed: int) -> tuple[list, list | None, list]:

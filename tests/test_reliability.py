@@ -20,7 +20,7 @@ from fastchat_plora.adapters import add_adapters
 from fastchat_plora.callback import PLoRACallback, PreemptionCallback, StopRequest, TrainingDiverged
 from fastchat_plora.checkpoint import base_checksum, restore_base_weights
 from fastchat_plora.plora import LocalWeights, StagePlan, lora_layers
-from fastchat_plora.rundir import RunDir
+from fastchat_plora.rundir import RunDir, RunDirError
 from fastchat_plora.train_plora import cli
 from fastchat_plora.trainer import PLoRATrainer
 from tests.conftest import ALL_LINEAR, start_module, tiny_lora, tiny_run, write_conversations
@@ -112,6 +112,58 @@ def test_sigterm_saves_a_checkpoint_and_stops_cleanly(tiny_model_dir, data, tmp_
     assert_same_weights(load_file(out / "model.safetensors"), straight)
 
 
+def test_a_stop_file_then_auto_resume_ends_as_an_uninterrupted_run(tiny_model_dir, data, tmp_path, straight):
+    """What a requeued cluster job does: stop on the STOP file, start again with `auto`, finish."""
+    out = tmp_path / "run"
+    auto = flags(tiny_model_dir, data, out, "--save_strategy", "no", "--resume_from_checkpoint", "auto")
+    proc = start(auto)  # auto on an empty directory: a fresh start
+    wait_for(proc, out / "unload_events.jsonl")
+    (out / "STOP").touch()
+    log, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 143, log[-2000:]
+    assert "stop requested: every rank stops after step" in log
+    done = finish(auto)
+    assert done.returncode == 0, done.stdout[-2000:]
+    assert not (out / "STOP").exists()  # the earlier attempt's request is answered, not repeated
+    assert_same_weights(load_file(out / "model.safetensors"), straight)
+    again = finish(auto)  # requeued once more after it finished: nothing to do
+    assert again.returncode == 0 and "holds a finished run: nothing to resume" in again.stdout
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (["--lora_r", "4"], "holds a run with lora_r=2, this one has lora_r=4"),
+        (["--seed", "7"], "holds a run with seed=42, this one has seed=7"),
+    ],
+)
+def test_resuming_with_other_settings_is_refused(tiny_model_dir, data, tmp_path, capsys, change, message):
+    out = tmp_path / "run"
+    assert cli(flags(tiny_model_dir, data, out, "--max_steps", "4", "--save_steps", "2")) == 0
+    before = sorted(p.name for p in out.iterdir())
+    capsys.readouterr()
+    assert cli([*flags(tiny_model_dir, data, out, "--resume_from_checkpoint", "auto"), *change]) == 2
+    assert message in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_auto_resume_starts_over_only_a_run_that_has_no_checkpoint_yet(tmp_path, caplog):
+    run = RunDir(tmp_path / "run")
+    assert run.resume_point("auto") is None
+    run.check_writable(overwrite=False, resuming=False, auto=True)  # no directory yet
+    (run.path / "stages").mkdir(parents=True)
+    (run.path / "unload_events.jsonl").write_text("")
+    (run.path / "checkpoint-8").mkdir()  # half-written: no trainer_state.json
+    with caplog.at_level("WARNING", logger="fastchat_plora.rundir"):
+        assert run.resume_point("auto") is None
+    assert "checkpoint-8 not complete" in caplog.text
+    (run.path / "checkpoint-8").rmdir()
+    run.check_writable(overwrite=False, resuming=False, auto=True)  # what a run writes before its checkpoint
+    (run.path / "notes.txt").write_text("mine")
+    with pytest.raises(RunDirError, match="holds 'notes.txt' and no checkpoint: not an unfinished run"):
+        run.check_writable(overwrite=False, resuming=False, auto=True)
+
+
 def test_crash_during_a_save_leaves_the_previous_checkpoint(tiny_model_dir, data, tmp_path, monkeypatch):
     out = tmp_path / "run"
     original, calls = PLoRATrainer._save_optimizer_and_scheduler, []
@@ -199,12 +251,24 @@ def test_stop_request_saves_and_stops_in_every_mode():
     control = SimpleNamespace(should_save=False, should_training_stop=False)
     callback.on_step_end(None, state, control)
     assert not control.should_save and not control.should_training_stop
-    stop.requested = True
+    stop.signalled = True
     callback.on_step_end(None, state, control)
-    assert control.should_save and control.should_training_stop
-    state.global_step, control.should_save = 10, False  # a request during the last step changes nothing
+    assert control.should_save and control.should_training_stop and stop.stopped_early(state)
+    state.global_step, control.should_save, control.should_training_stop = 10, False, False
+    callback.on_step_end(None, state, control)  # a request during the last step changes nothing
+    assert not control.should_save and not stop.stopped_early(state)
+
+
+def test_a_stop_file_is_a_stop_request(tmp_path):
+    stop = StopRequest(tmp_path / "STOP")
+    callback = PreemptionCallback(stop)
+    state = SimpleNamespace(global_step=3, max_steps=10)
+    control = SimpleNamespace(should_save=False, should_training_stop=False)
     callback.on_step_end(None, state, control)
     assert not control.should_save
+    (tmp_path / "STOP").touch()
+    callback.on_step_end(None, state, control)
+    assert control.should_save and control.should_training_stop
 
 
 def adapter_bytes(run: Path) -> int:

@@ -106,3 +106,14 @@ def test_base_model_is_the_one_the_run_resolved(tmp_path):
     assert run.base_model() == "/cache/smol"
     (tmp_path / "run_args.json").write_text(json.dumps({"model_name_or_path": "org/model"}))  # an older run
     assert run.base_model() == "org/model"
+
+
+def test_a_stop_file_from_an_earlier_attempt_goes_and_a_new_one_stays(tmp_path):
+    run = RunDir(tmp_path)
+    run.stop_file.touch()
+    started = run.stop_file.stat().st_mtime + 1  # this attempt started after the file was written
+    run.trim(None, started)
+    assert not run.stop_file.exists()
+    run.stop_file.touch()
+    run.trim(None, run.stop_file.stat().st_mtime - 1)  # written while this attempt was starting: its request
+    assert run.stop_file.exists()

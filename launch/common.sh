@@ -24,6 +24,15 @@ check_config() {
     if [ -n "${DEEPSPEED:-}" ] && [ ! -f "$DEEPSPEED" ]; then fail "DeepSpeed config not found: $DEEPSPEED"; fi
 }
 
+# check_package: the package and torchrun are there, or a one-line error naming the fix (a node
+# whose job environment was never set up)
+check_package() {
+    local fix="set ENV_SETUP to a script that activates the environment (module load, conda activate, source .venv/bin/activate), or pip install -e . there"
+    "$PYTHON" -c "import fastchat_plora.train_plora" 2> /dev/null \
+        || fail "fastchat_plora does not import on $(hostname) with PYTHON=$PYTHON ($(command -v "$PYTHON" || echo not found)): $fix"
+    command -v torchrun > /dev/null || fail "no torchrun on $(hostname): $fix"
+}
+
 run() {
     echo "+ $*"
     if [ "$DRY_RUN" = 1 ]; then return 0; fi

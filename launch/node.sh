@@ -14,6 +14,8 @@ NPROC="${NPROC:-8}"
 MASTER_PORT="${MASTER_PORT:-29500}"
 LAUNCHER="${LAUNCHER:-torchrun}"      # torchrun or deepspeed
 DEEPSPEED="${DEEPSPEED:-}"            # a ZeRO config; empty: plain DDP (torchrun only)
+REPORT_TO="${REPORT_TO:-${WANDB_API_KEY:+wandb}}"  # wandb: log to Weights & Biases (default with an API key)
+RESUME="${RESUME:-}"                  # auto: the latest complete checkpoint if there is one, else a fresh start; or a path
 
 check_config "$CONFIG"
 ACCUMULATION="$(accumulation "$NPROC")"
@@ -24,7 +26,9 @@ case "$LAUNCHER" in
         START=(deepspeed --num_gpus "$NPROC" --master_port "$MASTER_PORT" --module) ;;
     *) fail "LAUNCHER=$LAUNCHER: expected torchrun or deepspeed" ;;
 esac
-DS_FLAGS=()
-if [ -n "$DEEPSPEED" ]; then DS_FLAGS=(--deepspeed "$DEEPSPEED"); fi
+FLAGS=()
+if [ -n "$DEEPSPEED" ]; then FLAGS+=(--deepspeed "$DEEPSPEED"); fi
+if [ -n "$RESUME" ]; then FLAGS+=(--resume_from_checkpoint "$RESUME"); fi
+if [ -n "$REPORT_TO" ]; then FLAGS+=(--report_to "$REPORT_TO"); fi
 run "${START[@]}" fastchat_plora.train_plora --config "$CONFIG" --output_dir "$OUTPUT_DIR" \
-    --per_device_train_batch_size "$PER_DEVICE" --gradient_accumulation_steps "$ACCUMULATION" "${DS_FLAGS[@]}" "$@"
+    --per_device_train_batch_size "$PER_DEVICE" --gradient_accumulation_steps "$ACCUMULATION" "${FLAGS[@]}" "$@"

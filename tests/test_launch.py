@@ -40,6 +40,23 @@ def test_cluster_scripts_print_one_launch_line(script, env, launcher):
     assert command.endswith("--seed 7")  # extra flags go last, so they override
 
 
+def test_the_slurm_job_takes_its_gpus_and_port_from_slurm_and_resumes_by_default():
+    env = {"SLURM_JOB_ID": "12345", "SLURM_GPUS_ON_NODE": "4", "SLURM_NNODES": "2"}
+    [command] = commands(dry_run("slurm.sbatch", **env))
+    assert command.startswith("torchrun --nnodes 2 --nproc_per_node 4 --rdzv_id 12345")
+    assert ":32345 " in command  # 20000 + job id % 20000: two jobs on one node don't share a port
+    assert "--gradient_accumulation_steps 1 --resume_from_checkpoint auto" in command  # 2 x 4 x 3 = 24
+    [command] = commands(dry_run("slurm.sbatch", RESUME="no", GPUS_PER_NODE="2", REPORT_TO="wandb", **env))
+    assert "--nproc_per_node 2" in command and "--resume_from_checkpoint" not in command
+    assert "--gradient_accumulation_steps 2 --report_to wandb" in command
+
+
+def test_node_sh_resumes_when_asked_and_logs_to_wandb_with_a_key():
+    [command] = commands(dry_run("node.sh", RESUME="auto", WANDB_API_KEY="k" * 40))
+    assert command.endswith("--resume_from_checkpoint auto --report_to wandb")
+    assert "--resume_from_checkpoint" not in commands(dry_run("node.sh"))[0]
+
+
 def test_fewer_gpus_keep_the_global_batch_through_accumulation():
     [command] = commands(dry_run("node.sh", NPROC="2", DEEPSPEED="configs/ds/zero3.json"))
     assert "--gradient_accumulation_steps 4" in command and "--deepspeed configs/ds/zero3.json" in command
@@ -57,6 +74,20 @@ def test_fewer_gpus_keep_the_global_batch_through_accumulation():
 def test_bad_knobs_stop_with_a_clear_error(env, message):
     proc = dry_run("node.sh", **env)
     assert proc.returncode == 2 and message in proc.stderr and not commands(proc)
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"ENV_SETUP": "/no/such/setup.sh"}, "ENV_SETUP=/no/such/setup.sh: no such file"),
+        ({"PYTHON": "/no/such/python"}, "fastchat_plora does not import on"),
+        ({"GPUS_PER_NODE": "5"}, "GLOBAL_BATCH=24 is not a multiple of 5"),
+    ],
+)
+def test_bad_slurm_knobs_stop_with_one_line(env, message):
+    proc = dry_run("slurm.sbatch", **env)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode == 2 and len(errors) == 1 and message in errors[0] and not commands(proc)
 
 
 def test_a_bad_config_is_refused_before_launch(tmp_path):

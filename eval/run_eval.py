@@ -8,8 +8,9 @@
 Reads a plain HF model directory (what train_plora.py writes, or a full-fine-tuning checkpoint) or a
 LoRA/PLoRA checkpoint-N (its adapter and merged base weights are folded into the base model). The
 tasks are the harness YAMLs in eval/tasks/, reading local files under --data_dir (default
-../shared/data when it exists). Prompts are wrapped in the training format: the chat template the
-trained model's tokenizer carries, or `--conv_template` for a base model without one (eval/prompts.py).
+../shared/data when it exists), or the hub's test sets with `--data_dir hub` (eval/hub_data.py).
+Prompts are wrapped in the training format: the chat template the trained model's tokenizer
+carries, or `--conv_template` for a base model without one (eval/prompts.py).
 Writes OUT/results.json (metrics per task, MMLU by category, the GSM8K held-out loss) and
 OUT/samples_<task>.jsonl; all files are written to temporary names first and renamed at the end,
 so a failed evaluation never overwrites finished results.
@@ -29,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from eval import hub_data
 from eval.loading import ModelPathError, load_for_eval, load_tokenizer_for_eval
 from eval.prompts import PromptFormat, PromptFormatError, harness_lm
 from eval.tasks.utils import extract_flexible, extract_strict, gsm8k_gold
@@ -212,20 +214,43 @@ def write_atomically(files: dict[str, str], output_dir: Path) -> None:
         os.replace(tmp, final)
 
 
-def evaluate(args: argparse.Namespace) -> dict:
+def resolve_data_dir(value: str | None, tasks: list[str]) -> Path:
+    """The local folder of test sets: --data_dir, ../shared/data by default, or `hub`: the hub's test
+    sets, downloaded into a cache on first use (`eval/hub_data.py`)."""
+    if value == "hub":
+        needed = sorted({"gsm8k" if t == LOSS_TASK else t for t in tasks})
+        try:
+            hub_data.download(hub_data.cache_dir(), needed)
+        except hub_data.HubDataError as e:
+            raise EvalError(str(e)) from None
+        return hub_data.cache_dir()
+    data_dir = Path(value) if value else DEFAULT_DATA
+    if not data_dir.is_dir():
+        raise EvalError(
+            f"data directory not found: {data_dir} (pass --data_dir DIR, or --data_dir hub on a machine with "
+            "network; python -m eval.hub_data --output_dir DIR fetches the test sets once)"
+        )
+    return data_dir
+
+
+def checked_data(args: argparse.Namespace) -> tuple[list[str], Path, list[dict]]:
+    """(tasks, data folder, harness task configs), every data file checked before any model loads."""
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     unknown = [t for t in tasks if t not in (*TASKS, LOSS_TASK)]
     if unknown or not tasks:
         raise EvalError(f"unknown task(s) {unknown or args.tasks!r}; choose from {','.join((*TASKS, LOSS_TASK))}")
-    data_dir = Path(args.data_dir) if args.data_dir else DEFAULT_DATA
-    if not data_dir.is_dir():
-        raise EvalError(f"data directory not found: {data_dir} (pass --data_dir)")
-    harness_tasks = [t for t in tasks if t != LOSS_TASK]
-    configs = task_configs(harness_tasks, data_dir, args.choice_format)  # every data file checked before loading
-    wants_loss = "gsm8k" in tasks or LOSS_TASK in tasks
+    data_dir = resolve_data_dir(args.data_dir, tasks)
+    configs = task_configs([t for t in tasks if t != LOSS_TASK], data_dir, args.choice_format)
     gsm8k_test = data_dir / "gsm8k" / "test.jsonl"
-    if wants_loss and not gsm8k_test.is_file():
+    if ("gsm8k" in tasks or LOSS_TASK in tasks) and not gsm8k_test.is_file():
         raise EvalError(f"missing local data for the held-out loss: {gsm8k_test} (pass --data_dir)")
+    return tasks, data_dir, configs
+
+
+def evaluate(args: argparse.Namespace) -> dict:
+    tasks, data_dir, configs = checked_data(args)
+    harness_tasks = [t for t in tasks if t != LOSS_TASK]
+    wants_loss = "gsm8k" in tasks or LOSS_TASK in tasks
     # the prompt format is settled before the model loads: a model without one fails at once
     prompt_format = PromptFormat(load_tokenizer_for_eval(args.model_path), args.conv_template, str(args.model_path))
     model = load_for_eval(args.model_path, args.device)
@@ -313,12 +338,20 @@ def training_step(model_path: Path) -> int:
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model_path", required=True, help="a model directory or a checkpoint-N of a run")
+    parser.add_argument("--model_path", help="a model directory or a checkpoint-N of a run")
     parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, from {','.join(TASKS)}")
-    parser.add_argument("--data_dir", default=None, help="local files (default: ../shared/data)")
+    parser.add_argument(
+        "--data_dir", default=None,
+        help="the test sets: a local folder (default: ../shared/data), or hub (the hub's, cached on first use; "
+        "python -m eval.hub_data --output_dir DIR fetches them for offline nodes)",
+    )  # fmt: skip
     parser.add_argument("--limit", type=int, default=None, help="first N items of each task (and MMLU subject)")
     parser.add_argument("--mmlu_limit", type=int, default=None, help="first N of each MMLU subject (default: --limit)")
-    parser.add_argument("--output_dir", required=True, help="where results.json and samples_<task>.jsonl go")
+    parser.add_argument("--output_dir", help="where results.json and samples_<task>.jsonl go")
+    parser.add_argument(
+        "--check_data", action="store_true",
+        help="only check (with hub: fetch) the tasks' test sets, as reproduce.sh does before it trains",
+    )  # fmt: skip
     parser.add_argument("--batch_size", default="16", help="harness batch size (an int, or 'auto')")
     parser.add_argument(
         "--choice_format", choices=sorted(CHOICE_FORMATS), default="text",
@@ -342,6 +375,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     args = parse(argv)
     try:
+        if args.check_data:
+            _, data_dir, _ = checked_data(args)
+            print(f"evaluation data for {args.tasks}: {data_dir}")
+            return 0
+        if args.model_path is None or args.output_dir is None:
+            raise EvalError("--model_path and --output_dir are required (or --check_data alone)")
         results = evaluate(args)
     except (EvalError, ModelPathError, PromptFormatError) as e:
         print(f"error: {e}", file=sys.stderr)

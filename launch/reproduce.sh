@@ -20,7 +20,7 @@ SEEDS="${SEEDS:-42}"                    # several seeds, space-separated: table 
 NPROC="${NPROC:-8}"                     # paper scale: GPUs on this node
 GLOBAL_BATCH="${GLOBAL_BATCH:-24}"      # paper scale: per-device batch x accumulation x NPROC
 DEEPSPEED="${DEEPSPEED:-}"              # paper scale: e.g. configs/ds/zero3.json (full fine-tuning of 7B needs ZeRO)
-DATA_DIR="${DATA_DIR:-}"                # local benchmark files for evaluation (default ../shared/data)
+DATA_DIR="${DATA_DIR:-}"                # the test sets: a folder, or hub (default: ../shared/data small, hub paper)
 DRY_RUN="${DRY_RUN:-0}"
 TRAIN_ARGS="${TRAIN_ARGS:-}"            # extra flags for every training run, e.g. "--report_to wandb"
 
@@ -37,6 +37,9 @@ main() {
     [ ${#configs[@]} -gt 0 ] || fail "experiment '$experiment': no configs/$scale/${experiment}_*.yaml"
     set_scale "$scale"
     "$PY" -m fastchat_plora.args "${configs[@]}"  # every config checked before any run starts
+    if [ "$experiment" != figure2 ]; then  # and the test sets, before hours of training
+        run "$PY" -m eval.run_eval --check_data --tasks "$CHECK_TASKS" "${DATA_FLAGS[@]}"
+    fi
 
     local cfg seed dir runs=()
     for cfg in "${configs[@]}"; do
@@ -81,12 +84,15 @@ set_scale() {
         SWEEP_FLAGS=(--limit 100 --mmlu_limit 1)
         SWEEP_METRIC=gsm8k_loss SWEEP_WINDOW=3 LOSS_SMOOTH=8  # steps: the paper's 150 of 2,520 per epoch, scaled
         SCALE_FLAGS=()
+        CHECK_TASKS=gsm8k_loss,arc_easy,arc_challenge,mmlu
     else
         LAUNCH=(torchrun --nproc_per_node "$NPROC" -m fastchat_plora.train_plora)
         BASE_MODEL=huggyllama/llama-7b
         EVAL_FLAGS=(--tasks gsm8k,mmlu,arc_easy,arc_challenge)
         SWEEP_FLAGS=()
         SWEEP_METRIC=gsm8k SWEEP_WINDOW=10 LOSS_SMOOTH=150  # the paper's windows: 10 checkpoints, 150 steps
+        CHECK_TASKS=gsm8k,arc_easy,arc_challenge,mmlu
+        DATA_DIR="${DATA_DIR:-hub}"  # a cluster has no ../shared/data
         local accumulation_steps
         accumulation_steps="$(accumulation "$NPROC")"
         SCALE_FLAGS=(--per_device_train_batch_size "$PER_DEVICE" --gradient_accumulation_steps "$accumulation_steps")

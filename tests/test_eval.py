@@ -315,3 +315,79 @@ def test_loss_smoothing_counts_its_window_in_steps_not_entries():
     assert smoothed[0] == 10.0 and smoothed[1] == 15.0  # the start of the run: what there is
     assert smoothed[-1] == sum(values[-15:]) / 15  # 150 steps = the last 15 entries
     assert step_average(steps, values, 10) == values  # a window of one logging interval: no smoothing
+
+
+def hub_rows(data_dir: Path) -> dict[tuple[str, str], list[dict]]:
+    """The fixture's test sets as the hub's datasets hold them (openai/gsm8k, allenai/ai2_arc, cais/mmlu)."""
+    rows = {("openai/gsm8k", "main"): [json.loads(line) for line in (data_dir / "gsm8k/test.jsonl").open()]}
+    for subset in ("ARC-Easy", "ARC-Challenge"):
+        local = [json.loads(line) for line in (data_dir / "arc" / subset / f"{subset}-Test.jsonl").open()]
+        rows[("allenai/ai2_arc", subset)] = [
+            {"id": r["id"], "question": r["question"]["stem"], "answerKey": r["answerKey"],
+             "choices": {"text": [c["text"] for c in r["question"]["choices"]],
+                         "label": [c["label"] for c in r["question"]["choices"]]}}
+            for r in local
+        ]  # fmt: skip
+    mmlu = []
+    for path in sorted((data_dir / "mmlu/data/test").glob("*_test.csv")):
+        for question, *choices, answer in csv.reader(path.open()):
+            mmlu.append({"question": question, "subject": path.name.removesuffix("_test.csv"), "choices": choices,
+                         "answer": "ABCD".index(answer)})  # fmt: skip
+    rows[("cais/mmlu", "all")] = mmlu
+    return rows
+
+
+@pytest.fixture
+def offline_hub(data_dir, tmp_path, monkeypatch):
+    """The hub, played by JSONL files this test writes, read back through `datasets` (no network)."""
+    import datasets
+
+    from eval import hub_data
+
+    files = {}
+    for (name, config), rows in hub_rows(data_dir).items():
+        path = tmp_path / "hub" / name / f"{config}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        files[(name, config)] = str(path)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets_cache")
+    monkeypatch.setattr(hub_data, "hub_load", lambda name, config: datasets.load_dataset(
+        "json", data_files=files[(name, config)], split="train"))  # fmt: skip
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    return hub_data
+
+
+def test_the_hub_test_sets_land_in_the_local_layout(offline_hub, data_dir, tmp_path, capsys):
+    out = tmp_path / "eval_data"
+    assert offline_hub.main(["--output_dir", str(out)]) == 0
+    assert "mmlu: 57 test rows" in capsys.readouterr().out
+    for rel in ("gsm8k/test.jsonl", "arc/ARC-Easy/ARC-Easy-Test.jsonl", "arc/ARC-Challenge/ARC-Challenge-Test.jsonl"):
+        ours = [json.loads(line) for line in (out / rel).open()]
+        assert ours == [json.loads(line) for line in (data_dir / rel).open()], rel
+    for path in (data_dir / "mmlu/data/test").glob("*.csv"):
+        assert list(csv.reader((out / "mmlu/data/test" / path.name).open())) == list(csv.reader(path.open()))
+    assert offline_hub.main(["--output_dir", str(out)]) == 0  # a second run keeps what is there
+    assert "gsm8k: already in" in capsys.readouterr().out
+
+
+def test_evaluating_with_data_dir_hub_scores_as_the_local_files_do(offline_hub, tiny_model_dir, data_dir, tmp_path):
+    flags = ["--model_path", str(tiny_model_dir), "--tasks", "arc_easy,gsm8k_loss", "--batch_size", "2", "--wandb",
+             "off"]  # fmt: skip
+    assert run_eval.main([*flags, "--data_dir", "hub", "--output_dir", str(tmp_path / "hub_eval")]) == 0
+    assert run_eval.main([*flags, "--data_dir", str(data_dir), "--output_dir", str(tmp_path / "local_eval")]) == 0
+    hub, local = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("hub_eval", "local_eval"))
+    assert hub["metrics"] == local["metrics"]
+    assert hub["data_dir"] == str(offline_hub.cache_dir()) and str(tmp_path / "hf_home") in hub["data_dir"]
+
+
+def test_data_dir_hub_without_network_names_the_download_command(offline_hub, tiny_model_dir, tmp_path, capsys):
+    def unreachable(name, config):
+        raise ConnectionError(f"Couldn't reach '{name}' on the Hub (LocalEntryNotFoundError)")
+
+    offline_hub.hub_load = unreachable
+    code = run_eval.main(["--model_path", str(tiny_model_dir), "--tasks", "gsm8k_loss", "--data_dir", "hub",
+                          "--output_dir", str(tmp_path / "never")])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("error: cannot load openai/gsm8k (main) from the hub")
+    assert "python -m eval.hub_data --output_dir DIR and pass --data_dir DIR" in err[-1]
+    assert not (tmp_path / "never").exists()

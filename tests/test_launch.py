@@ -109,6 +109,9 @@ def test_reproduce_plans_every_run_of_every_experiment(experiment, scale, tmp_pa
         assert any(f"--config configs/{scale}/{config.name}" in c for c in trained)
     last = commands(proc)[-1]
     assert "eval.tables" in last or "eval.figures" in last
+    if experiment != "figure2":  # the test sets are checked (at paper scale: fetched) before any training
+        first = commands(proc)[0]
+        assert "eval.run_eval --check_data" in first and ("--data_dir hub" in first) == (scale == "paper")
 
 
 def test_reproduce_skips_finished_runs_and_names_unknown_experiments(tmp_path):

@@ -4,7 +4,8 @@ The Trainer's WandbCallback already logs loss, learning rate, grad norm and the 
 This adds what is PLoRA's: the LoRA/PLoRA arguments in the run config, each unload (its step, stage
 and update norms, total and by layer type) and the run's id in OUTPUT_DIR/wandb_run.json, so that
 `eval/run_eval.py` can log evaluation metrics to the same run. With no API key the run is offline
-(files under WANDB_DIR, `wandb sync` uploads them later), never a prompt that blocks a cluster job.
+(files under WANDB_DIR, `wandb sync` uploads them later), never a prompt that blocks a cluster job;
+so is a run on a node that has a key but cannot reach the W&B server.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ import importlib.util
 import json
 import logging
 import os
+import socket
 from collections import defaultdict
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from transformers import TrainerCallback
 
@@ -30,6 +33,18 @@ def has_api_key() -> bool:
         return True
     netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
     return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="replace")
+
+
+def wandb_reachable(timeout: float = 3.0) -> bool:
+    """Whether the W&B server (WANDB_BASE_URL, default api.wandb.ai) accepts a connection: a compute
+    node may hold an API key and have no route out, where `wandb.init` would fail the job."""
+    url = urlsplit(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai")
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
 
 
 def wandb_identity(run_dir: Path, resuming: bool, run_name: str | None, tags: list[str]) -> dict[str, str]:
@@ -67,6 +82,10 @@ def prepare_wandb(report_to: list[str] | str | None, identity: dict[str, str] | 
     if not os.environ.get("WANDB_MODE") and not has_api_key():
         wanted["WANDB_MODE"] = "offline"
         logger.warning("W&B: no API key, logging offline (upload later with `wandb sync`)")
+    elif not os.environ.get("WANDB_MODE") and not wandb_reachable():
+        wanted["WANDB_MODE"] = "offline"
+        logger.warning("W&B: an API key but no connection to the W&B server, logging offline (upload later "
+                       "with `wandb sync`)")  # fmt: skip
     set_here = [key for key in wanted if not os.environ.get(key)]
     os.environ.update({key: wanted[key] for key in set_here})
     import wandb

@@ -7,6 +7,7 @@ around protobuf records) the way `wandb sync` would, so it checks what would rea
 from __future__ import annotations
 
 import json
+import socket
 import struct
 from pathlib import Path
 
@@ -107,7 +108,21 @@ def test_no_key_means_offline_and_a_key_means_online(offline_wandb, monkeypatch)
     assert tracking.prepare_wandb(["wandb"]) is not None and tracking.os.environ["WANDB_MODE"] == "offline"
     monkeypatch.delenv("WANDB_MODE")
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setattr(tracking, "wandb_reachable", lambda: True)
     assert tracking.prepare_wandb(["wandb"]) is not None and "WANDB_MODE" not in tracking.os.environ
+
+
+def test_a_key_without_a_route_to_the_server_means_offline(offline_wandb, monkeypatch, caplog):
+    with socket.socket() as closed:  # a port nothing listens on: the connection is refused at once
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert not tracking.wandb_reachable()
+    with caplog.at_level("WARNING", logger="fastchat_plora.tracking"):
+        assert tracking.prepare_wandb(["wandb"]) is not None
+    assert tracking.os.environ["WANDB_MODE"] == "offline"
+    assert "an API key but no connection to the W&B server, logging offline" in caplog.text
 
 
 def test_a_resumed_run_logs_to_the_same_wandb_run(offline_wandb, tiny_model_dir, tmp_path):

@@ -22,7 +22,8 @@ GLOBAL_BATCH="${GLOBAL_BATCH:-24}"      # paper scale: per-device batch x accumu
 DEEPSPEED="${DEEPSPEED:-}"              # paper scale: e.g. configs/ds/zero3.json (full fine-tuning of 7B needs ZeRO)
 DATA_DIR="${DATA_DIR:-}"                # the test sets: a folder, or hub (default: ../shared/data small, hub paper)
 DRY_RUN="${DRY_RUN:-0}"
-TRAIN_ARGS="${TRAIN_ARGS:-}"            # extra flags for every training run, e.g. "--report_to wandb"
+TRAIN_ARGS="${TRAIN_ARGS:-}"            # extra flags for every training run, e.g. "--logging_steps 10"
+REPORT_TO="${REPORT_TO:-${WANDB_API_KEY:+wandb}}"  # wandb: every run logs to W&B (default with an API key)
 
 main() {
     local experiment="${1:?usage: bash launch/reproduce.sh EXPERIMENT [small|paper]}"
@@ -110,9 +111,11 @@ train() {  # config, run dir, seed
     elif [ -d "$dir" ]; then
         resume=(--overwrite_output_dir True)  # died before its first checkpoint: start over
     fi
+    local report=()
+    if [ -n "$REPORT_TO" ]; then report=(--report_to "$REPORT_TO"); fi
     # shellcheck disable=SC2086  # TRAIN_ARGS is a list of flags
     run "${LAUNCH[@]}" --config "$cfg" --output_dir "$dir" --seed "$seed" \
-        "${SCALE_FLAGS[@]}" "${resume[@]}" $TRAIN_ARGS
+        "${SCALE_FLAGS[@]}" "${resume[@]}" "${report[@]}" $TRAIN_ARGS
 }
 
 evaluate() {  # model, output dir

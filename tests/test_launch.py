@@ -51,6 +51,12 @@ def test_the_slurm_job_takes_its_gpus_and_port_from_slurm_and_resumes_by_default
     assert "--gradient_accumulation_steps 2 --report_to wandb" in command
 
 
+def test_reproduce_logs_every_run_to_wandb_when_asked():
+    proc = dry_run("reproduce.sh", "table2", "small", REPORT_TO="wandb")
+    trained = [c for c in commands(proc) if "fastchat_plora.train_plora" in c]
+    assert trained and all("--report_to wandb" in c for c in trained)
+
+
 def test_node_sh_resumes_when_asked_and_logs_to_wandb_with_a_key():
     [command] = commands(dry_run("node.sh", RESUME="auto", WANDB_API_KEY="k" * 40))
     assert command.endswith("--resume_from_checkpoint auto --report_to wandb")

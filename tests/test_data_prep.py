@@ -9,8 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from data_prep import arc, build_mix, code_alpaca, gsm8k, orca
-from data_prep.benchmarks import test_questions
+from data_prep import (
+    arc,
+    benchmarks,  # not its test_questions by name: pytest would collect it as a test
+    build_mix,
+    code_alpaca,
+    gsm8k,
+    orca,
+)
 from data_prep.common import Tally, normalize
 from tests.conftest import SHARED_DATA
 
@@ -230,7 +236,7 @@ def test_mix_from_the_local_mirror(tmp_path, capsys):
     assert dropped["arc_LEAP_2002_4_10246"]["shared"].startswith("mrs henderson s class has five small covered boxes")
     assert any(c["source"] == "gsm8k" for c in dropped.values())
     prompts = "\n".join(normalize(t["value"]) for r in mix for t in r["conversations"] if t["from"] == "human")
-    arc_tests = test_questions(SHARED_DATA)["arc"]
+    arc_tests = benchmarks.test_questions(SHARED_DATA)["arc"]
     assert not [q for q in arc_tests if len(q.split()) >= 8 and q in prompts]  # no ARC test question inside a prompt
     s = json.loads((tmp_path / "mix" / "manifest.json").read_text())["sources"]
     assert s["gsm8k"]["converted"] == 7473 and s["arc"]["converted"] == 3370

@@ -14,7 +14,8 @@ EXPERIMENTS = ("table1", "table2", "table3", "figure2", "figure3", "figure4")
 
 
 def dry_run(script: str, *args: str, **env: str) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "DRY_RUN": "1", "PYTHON": sys.executable, "PYTHONPATH": str(REPO), **env}
+    path = f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"  # the environment's torchrun, as a user has it
+    full_env = {**os.environ, "DRY_RUN": "1", "PYTHON": sys.executable, "PYTHONPATH": str(REPO), "PATH": path, **env}
     return subprocess.run(["bash", f"launch/{script}", *args], cwd=REPO, env=full_env, capture_output=True, text=True)
 
 

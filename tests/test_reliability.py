@@ -305,21 +305,23 @@ def test_bf16_resume_replays_the_stages_to_the_same_bits(tiny_model_dir, data, t
 
 
 def test_resume_against_another_base_or_changed_stages_is_refused(tiny_model_dir, data, tmp_path, capsys):
-    out = tmp_path / "run"
-    assert cli(flags(tiny_model_dir, data, out, "--save_steps", "10", "--max_steps", "10")) == 0
-    other_base = tmp_path / "other_base"  # the same model with its q_proj weights moved
-    shutil.copytree(tiny_model_dir, other_base)
-    weights = load_file(other_base / "model.safetensors")
-    weights = {k: v + 0.01 if "q_proj" in k else v for k, v in weights.items()}
-    save_file(weights, other_base / "model.safetensors", metadata={"format": "pt"})
+    base, out = tmp_path / "base", tmp_path / "run"
+    shutil.copytree(tiny_model_dir, base)
+    assert cli(flags(base, data, out, "--save_steps", "10", "--max_steps", "10")) == 0
     finished = {p.name: p.read_bytes() for p in (*out.glob("*.*"), *(out / "stages").iterdir())}
     resume = ["--max_steps", "16", "--resume_from_checkpoint", "latest"]
-    assert cli(flags(other_base, data, out, *resume)) == 2
+    assert cli(flags(tiny_model_dir, data, out, *resume)) == 2  # another path: the run's settings differ
+    assert "holds a run with model_name_or_path=" in capsys.readouterr().err.strip().splitlines()[-1]
+    weights = load_file(base / "model.safetensors")  # the same path, its q_proj weights moved
+    weights = {k: v + 0.01 if "q_proj" in k else v for k, v in weights.items()}
+    save_file(weights, base / "model.safetensors", metadata={"format": "pt"})
+    assert cli(flags(base, data, out, *resume)) == 2
     assert "other base weights" in capsys.readouterr().err.strip().splitlines()[-1]
+    shutil.copy(tiny_model_dir / "model.safetensors", base / "model.safetensors")
 
     stage = out / "stages" / "stage-00001.safetensors"
     stage.write_bytes(stage.read_bytes()[:-4] + b"\0\0\0\0")
-    assert cli(flags(tiny_model_dir, data, out, *resume)) == 2
+    assert cli(flags(base, data, out, *resume)) == 2
     assert f"the stage file {stage} it replays has changed" in capsys.readouterr().err.strip().splitlines()[-1]
     stage.write_bytes(finished[stage.name])
     # nothing of the finished run was touched: model, events, stage files (its final merge's too)

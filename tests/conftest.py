@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from fastchat_plora.models import load_tokenizer, resolve_model_path
@@ -141,3 +142,14 @@ def tiny_model_dir_without_template(tmp_path_factory, tokenizer) -> Path:
     for leftover in path.glob("chat_template.*"):  # what the embedded model's tokenizer files carried
         leftover.unlink()
     return path
+
+
+def relative_update_difference(run: Path, reference: Path, base: Path) -> float:
+    """max over weights of |W_run - W_ref| / |W_ref - W_0|: how far two runs' updates are apart."""
+    ours, theirs, w0 = (load_file(str(p / "model.safetensors")) for p in (run, reference, base))
+    worst = 0.0
+    for name, weight in theirs.items():
+        update = (weight.double() - w0[name].double()).norm()
+        if update > 0:
+            worst = max(worst, ((ours[name].double() - weight.double()).norm() / update).item())
+    return worst

@@ -19,7 +19,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
 
 from tests.conftest import REPO
 
@@ -123,14 +122,3 @@ def write_config(path: Path, model_dir: Path, data: Path, **settings) -> Path:
               **settings}  # fmt: skip
     path.write_text("".join(f"{key}: {json.dumps(value)}\n" for key, value in values.items()))  # JSON is YAML
     return path
-
-
-def relative_update_difference(run: Path, reference: Path, base: Path) -> float:
-    """max over weights of |W_run - W_ref| / |W_ref - W_0|: how far two runs' updates are apart."""
-    ours, theirs, w0 = (load_file(str(p / "model.safetensors")) for p in (run, reference, base))
-    worst = 0.0
-    for name, weight in theirs.items():
-        update = (weight.double() - w0[name].double()).norm()
-        if update > 0:
-            worst = max(worst, ((ours[name].double() - weight.double()).norm() / update).item())
-    return worst

@@ -22,10 +22,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from eval.loading import load_for_eval
-from tests.conftest import REPO, module_env, run_module, tiny_run, write_conversations
+from tests.conftest import REPO, module_env, relative_update_difference, run_module, tiny_run, write_conversations
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -61,16 +60,6 @@ def setup(tiny_model_dir, tmp_path_factory):
     reference = tmp / "single"
     launch("single", 0, flags(tiny_model_dir, data, reference, 2), tmp / "single.log")
     return tiny_model_dir, data, reference, tmp
-
-
-def relative_update_difference(run: Path, reference: Path, base: Path) -> float:
-    ours, theirs, w0 = (load_file(str(p / "model.safetensors")) for p in (run, reference, base))
-    worst = 0.0
-    for name, weight in theirs.items():
-        update = (weight.double() - w0[name].double()).norm()
-        if update > 0:
-            worst = max(worst, ((ours[name].double() - weight.double()).norm() / update).item())
-    return worst
 
 
 @pytest.mark.parametrize(

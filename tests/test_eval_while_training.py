@@ -21,6 +21,14 @@ def train_with_eval(tiny_model_dir, tmp_path, **flags) -> list[dict]:
     return json.loads((out / "log_history.json").read_text())
 
 
+def assert_refused(model_dir, data, out, capsys, flags: list[str], message: str) -> None:
+    """The run stops with one error line naming the bad value, before anything is written."""
+    assert cli([*tiny_run(model_dir, data, out, unload_every_steps=2), *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and message in err[-1]
+    assert not out.exists()
+
+
 def losses(history: list[dict], key: str) -> dict[int, float]:
     return {entry["step"]: entry[key] for entry in history if key in entry}
 
@@ -68,11 +76,7 @@ def test_eval_data_from_a_file(tiny_model_dir, tmp_path):
 )
 def test_bad_eval_settings_fail_before_anything_is_written(tiny_model_dir, conversations_file, tmp_path, capsys,
                                                            flags, message):  # fmt: skip
-    out = tmp_path / "never"
-    assert cli([*tiny_run(tiny_model_dir, conversations_file, out, unload_every_steps=2), *flags]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("error: ") and message in err[-1]
-    assert not out.exists()
+    assert_refused(tiny_model_dir, conversations_file, tmp_path / "never", capsys, flags, message)
 
 
 def test_the_loss_figure_draws_the_held_out_loss_and_the_stage_boundaries(tiny_model_dir, tmp_path):
@@ -128,8 +132,4 @@ def test_sample_prompts_from_a_text_file_without_eval_data(tiny_model_dir, tmp_p
 )
 def test_bad_sample_settings_fail_before_anything_is_written(tiny_model_dir, conversations_file, tmp_path, capsys,
                                                              flags, message):  # fmt: skip
-    out = tmp_path / "never"
-    assert cli([*tiny_run(tiny_model_dir, conversations_file, out, unload_every_steps=2), *flags]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("error: ") and message in err[-1]
-    assert not out.exists()
+    assert_refused(tiny_model_dir, conversations_file, tmp_path / "never", capsys, flags, message)

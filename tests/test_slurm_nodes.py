@@ -10,8 +10,8 @@ import re
 
 import pytest
 
-from tests.conftest import run_module, write_conversations
-from tests.slurm_harness import Jobs, cluster, relative_update_difference, write_config
+from tests.conftest import relative_update_difference, run_module, write_conversations
+from tests.slurm_harness import Jobs, cluster, write_config
 
 pytestmark = pytest.mark.slow
 TOLERANCE = 1e-3  # as tests/test_distributed.py: the update W_T - W_0, relative, per weight

@@ -34,6 +34,7 @@ from fastchat_plora.data import ChatRenderer, generation_prompts, make_dataset, 
 from fastchat_plora.distributed import (
     check_only_adapters_train,
     check_supported,
+    close_process_group,
     gathered,
     init_deepspeed_comm,
     uses_zero,
@@ -307,6 +308,7 @@ def cli(argv: list[str] | None = None) -> int:
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    close_process_group()
     if training_args.process_index == 0:
         print("\n" + format_summary(summary))
     return PREEMPTED_EXIT if summary.get("preempted") else 0

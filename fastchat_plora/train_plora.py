@@ -56,17 +56,10 @@ def main(model_args, data_args, lora_args, plora_args, training_args) -> dict:
     started, args = time.time(), (model_args, data_args, lora_args, plora_args, training_args)
     validate(*args)
     check_supported(training_args, plora_args.finetune_mode)  # a distributed setup the unload cannot work under
-    run = RunDir(training_args.output_dir)
-    auto = str(training_args.resume_from_checkpoint).lower() == "auto"
-    settings = run_identity(args)
-    if auto and run.summary() is not None:  # a requeued job whose run had finished
-        run.check_identity(settings)
-        logger.info("%s holds a finished run: nothing to resume", run.path)
-        return run.summary()
-    resume = run.resume_point(training_args.resume_from_checkpoint)
-    run.check_writable(training_args.overwrite_output_dir, resuming=resume is not None, auto=auto)
-    if resume is not None:
-        run.check_identity(settings)
+    run, settings = RunDir(training_args.output_dir), run_identity(args)
+    resume, finished = resume_point(run, training_args, settings)
+    if finished is not None:  # `auto` on a run that has finished: a requeued job with nothing left to do
+        return finished
     zero = uses_zero(training_args)
     if zero:
         init_deepspeed_comm(training_args)
@@ -154,6 +147,21 @@ def make_callbacks(
         samples = callbacks["samples"].rows if "samples" in callbacks else None
         callbacks["wandb"] = WandbPLoRACallback(config, events, run.path, samples)
     return callbacks
+
+
+def resume_point(run: RunDir, training_args, settings: dict):
+    """(the checkpoint this run resumes from or None, the summary of a finished run under `auto`),
+    once the run directory is known to be this run's to write into."""
+    auto = str(training_args.resume_from_checkpoint).lower() == "auto"
+    if auto and run.summary() is not None:
+        run.check_identity(settings)
+        logger.info("%s holds a finished run: nothing to resume", run.path)
+        return None, run.summary()
+    resume = run.resume_point(training_args.resume_from_checkpoint)
+    run.check_writable(training_args.overwrite_output_dir, resuming=resume is not None, auto=auto)
+    if resume is not None:
+        run.check_identity(settings)
+    return resume, None
 
 
 IDENTITY = {  # the settings a resumed run must share with the run it goes on with

@@ -83,18 +83,11 @@ def detect_format(record: object) -> str | None:
     return None
 
 
-def parse_sharegpt(record: dict, where: str) -> list[Message]:
-    if not isinstance(record["conversations"], list):
-        raise DataError(f"{where}: 'conversations' must be a list of turns")
-    messages = []
-    for turn in record["conversations"]:
-        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
-            raise DataError(f"{where}: each turn needs 'from' and a string 'value', got {turn!r:.80}")
-        role = SHAREGPT_ROLES.get(turn.get("from"))
-        if role is None:
-            raise DataError(f"{where}: unknown role {turn.get('from')!r}; expected one of {sorted(SHAREGPT_ROLES)}")
-        messages.append({"role": role, "content": turn["value"]})
-    return messages
+# the two turn-list formats: (list key, role key, text key, role names -> our roles)
+TURN_FORMATS = {
+    "sharegpt": ("conversations", "from", "value", SHAREGPT_ROLES),
+    "messages": ("messages", "role", "content", {role: role for role in MESSAGE_ROLES}),
+}
 
 
 def trains(turn: dict, where: str) -> bool:
@@ -108,17 +101,20 @@ def trains(turn: dict, where: str) -> bool:
     return on
 
 
-def parse_messages(record: dict, where: str) -> list[Message]:
-    if not isinstance(record["messages"], list):
-        raise DataError(f"{where}: 'messages' must be a list of turns")
+def parse_turns(record: dict, fmt: str, where: str) -> list[Message]:
+    """A ShareGPT or messages record's turns as role/content messages (messages: with their loss switch)."""
+    list_key, role_key, text_key, roles = TURN_FORMATS[fmt]
+    if not isinstance(record[list_key], list):
+        raise DataError(f"{where}: {list_key!r} must be a list of turns")
     messages = []
-    for turn in record["messages"]:
-        if not isinstance(turn, dict) or not isinstance(turn.get("content"), str):
-            raise DataError(f"{where}: each message needs 'role' and a string 'content', got {turn!r:.80}")
-        if turn.get("role") not in MESSAGE_ROLES:
-            raise DataError(f"{where}: unknown role {turn.get('role')!r}; expected one of {list(MESSAGE_ROLES)}")
-        message = {"role": turn["role"], "content": turn["content"]}
-        if not trains(turn, where) and turn["role"] == "assistant":
+    for turn in record[list_key]:
+        if not isinstance(turn, dict) or not isinstance(turn.get(text_key), str):
+            raise DataError(f"{where}: each turn needs {role_key!r} and a string {text_key!r}, got {turn!r:.80}")
+        role = roles.get(turn.get(role_key))
+        if role is None:
+            raise DataError(f"{where}: unknown role {turn.get(role_key)!r}; expected one of {sorted(roles)}")
+        message = {"role": role, "content": turn[text_key]}
+        if fmt == "messages" and not trains(turn, where) and role == "assistant":
             message["train"] = False
         messages.append(message)
     return messages
@@ -135,9 +131,6 @@ def parse_alpaca(record: dict, where: str) -> list[Message]:
     return [*system, {"role": "user", "content": prompt}, {"role": "assistant", "content": fields["output"]}]
 
 
-PARSERS = {"sharegpt": parse_sharegpt, "messages": parse_messages, "alpaca": parse_alpaca}
-
-
 def parse_record(record: object, where: str, expected: str | None = None) -> list[Message]:
     """One record as messages; `expected` is the format of the source's first record."""
     found = detect_format(record)
@@ -149,7 +142,7 @@ def parse_record(record: object, where: str, expected: str | None = None) -> lis
         )
     if expected is not None and found != expected:
         raise DataError(f"{where}: a {found} record in a {expected} source (one format a file)")
-    messages = PARSERS[found](record, where)
+    messages = parse_alpaca(record, where) if found == "alpaca" else parse_turns(record, found, where)
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{where}: conversation {record.get('id', '?')!r} has no assistant turn")
     if not any(m["role"] == "assistant" and m.get("train", True) for m in messages):

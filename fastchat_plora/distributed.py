@@ -20,9 +20,13 @@ mode every trainable parameter is an adapter factor (checked before training sta
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
+import os
+import sys
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
@@ -179,11 +183,29 @@ def check_only_adapters_train(model: torch.nn.Module, adapter_name: str = "defau
         raise ValueError(f"parameters besides the adapters train ({others[0]}, ...): not supported under DeepSpeed")
 
 
-def close_process_group() -> None:
+def close_process_group() -> bool:
     """End a multi-process run together: wait for every rank (rank 0 may still be writing the model),
-    then tear torch.distributed down. A process group left to interpreter exit can abort a rank
-    there ("terminate called without an active exception", SIGABRT: seen once in CI with gloo under
-    DeepSpeed ZeRO-3, after the run had saved), which turns a finished job into a failed one."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    then tear torch.distributed down. True where there was a group to close."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return False
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+    return True
+
+
+def exit_without_finalizing(code: int) -> NoReturn:
+    """Leave a finished multi-process run's process with ``code``, skipping interpreter finalization.
+
+    DeepSpeed keeps its process groups alive past ``destroy_process_group`` (measured: two gloo
+    groups still referenced from ``deepspeed.utils.groups``, the engine, the ZeRO-3 optimizer and
+    every partitioned parameter, after ``gc.collect()``), so their C++ backends are torn down while
+    the interpreter finalizes. A gloo worker thread that still holds a tensor then needs the GIL of
+    a dying interpreter and the rank aborts ("terminate called without an active exception",
+    SIGABRT; seen twice in CI under ZeRO-3, after the model was saved), which fails a finished job.
+    The handlers registered with ``atexit`` (W&B's finish, logging's flush) run first, while the
+    interpreter is whole; only the C-level teardown is skipped.
+    """
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -35,6 +35,7 @@ from fastchat_plora.distributed import (
     check_only_adapters_train,
     check_supported,
     close_process_group,
+    exit_without_finalizing,
     gathered,
     init_deepspeed_comm,
     uses_zero,
@@ -316,10 +317,13 @@ def cli(argv: list[str] | None = None) -> int:
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
-    close_process_group()
+    closed = close_process_group()
     if training_args.process_index == 0:
         print("\n" + format_summary(summary))
-    return PREEMPTED_EXIT if summary.get("preempted") else 0
+    code = PREEMPTED_EXIT if summary.get("preempted") else 0
+    if closed:
+        exit_without_finalizing(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -99,7 +99,8 @@ def tiny_run(model_dir: Path, data: Path, out: Path, **flags) -> list[str]:
 
 
 def module_env(**extra: str) -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(REPO), **extra}
+    """The environment of a command the tests launch; a crash in it prints every thread's Python stack."""
+    return {**os.environ, "PYTHONPATH": str(REPO), "PYTHONFAULTHANDLER": "1", **extra}
 
 
 def start_module(module: str, *args: str, env: dict | None = None, **popen) -> subprocess.Popen:

@@ -192,3 +192,10 @@ def test_deepspeed_resume_with_wandb_starts(setup, tmp_path):
     launch("deepspeed", 29618, flags(base, data, out, 1, *resume), tmp_path / "resumed.log", wandb_env)
     assert json.loads((out / "summary.json").read_text())["steps"] == 6
     assert [e["step"] for e in map(json.loads, (out / "unload_events.jsonl").read_text().splitlines())] == [2, 4, 6]
+    # each launch finished its W&B run before its process left: an exit record, code 0
+    from tests.test_tracking import records
+
+    run_id = json.loads((out / "wandb_run.json").read_text())["id"]
+    files = sorted(tmp_path.glob(f"wandb/offline-run-*-{run_id}/run-{run_id}.wandb"))
+    exits = [r.exit.exit_code for f in files for r in records(f) if r.WhichOneof("record_type") == "exit"]
+    assert len(files) == 2 and exits == [0, 0]

@@ -23,6 +23,7 @@ DEEPSPEED="${DEEPSPEED:-}"              # paper scale: e.g. configs/ds/zero3.jso
 DATA_DIR="${DATA_DIR:-}"                # the test sets: a folder, or hub (default: ../shared/data small, hub paper)
 DRY_RUN="${DRY_RUN:-0}"
 TRAIN_ARGS="${TRAIN_ARGS:-}"            # extra flags for every training run, e.g. "--logging_steps 10"
+EVAL_TASKS="${EVAL_TASKS:-}"            # evaluate on these tasks only, e.g. gsm8k_loss (default: all of the scale's)
 REPORT_TO="${REPORT_TO:-${WANDB_API_KEY:+wandb}}"  # wandb: every run logs to W&B (default with an API key)
 
 main() {
@@ -39,7 +40,7 @@ main() {
     set_scale "$scale"
     "$PY" -m fastchat_plora.args "${configs[@]}"  # every config checked before any run starts
     if [ "$experiment" != figure2 ]; then  # and the test sets, before hours of training
-        run "$PY" -m eval.run_eval --check_data --tasks "$CHECK_TASKS" "${DATA_FLAGS[@]}"
+        run "$PY" -m eval.run_eval --check_data --tasks "$TASKS" "${DATA_FLAGS[@]}"
     fi
 
     local cfg seed dir runs=()
@@ -81,18 +82,18 @@ set_scale() {
     if [ "$1" = small ]; then
         LAUNCH=("$PY" -m fastchat_plora.train_plora)
         BASE_MODEL="$("$PY" -c 'from fastchat_plora.models import resolve_model_path; print(resolve_model_path(None))')"
-        EVAL_FLAGS=(--tasks gsm8k_loss,arc_easy,arc_challenge,mmlu --limit 100 --mmlu_limit 1)
+        TASKS="${EVAL_TASKS:-gsm8k_loss,arc_easy,arc_challenge,mmlu}"
+        EVAL_FLAGS=(--tasks "$TASKS" --limit 100 --mmlu_limit 1)
         SWEEP_FLAGS=(--limit 100 --mmlu_limit 1)
         SWEEP_METRIC=gsm8k_loss SWEEP_WINDOW=3 LOSS_SMOOTH=8  # steps: the paper's 150 of 2,520 per epoch, scaled
         SCALE_FLAGS=()
-        CHECK_TASKS=gsm8k_loss,arc_easy,arc_challenge,mmlu
     else
         LAUNCH=(torchrun --nproc_per_node "$NPROC" -m fastchat_plora.train_plora)
         BASE_MODEL=huggyllama/llama-7b
-        EVAL_FLAGS=(--tasks gsm8k,mmlu,arc_easy,arc_challenge)
+        TASKS="${EVAL_TASKS:-gsm8k,arc_easy,arc_challenge,mmlu}"
+        EVAL_FLAGS=(--tasks "$TASKS")
         SWEEP_FLAGS=()
         SWEEP_METRIC=gsm8k SWEEP_WINDOW=10 LOSS_SMOOTH=150  # the paper's windows: 10 checkpoints, 150 steps
-        CHECK_TASKS=gsm8k,arc_easy,arc_challenge,mmlu
         DATA_DIR="${DATA_DIR:-hub}"  # a cluster has no ../shared/data
         local accumulation_steps
         accumulation_steps="$(accumulation "$NPROC")"

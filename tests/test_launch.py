@@ -121,6 +121,14 @@ def test_reproduce_plans_every_run_of_every_experiment(experiment, scale, tmp_pa
         assert "eval.run_eval --check_data" in first and ("--data_dir hub" in first) == (scale == "paper")
 
 
+def test_reproduce_evaluates_on_the_tasks_asked_for(tmp_path):
+    proc = dry_run("reproduce.sh", "table2", "small", RUNS_DIR=str(tmp_path / "runs"), RESULTS_DIR=str(tmp_path),
+                   EVAL_TASKS="gsm8k_loss")  # fmt: skip
+    evaluations = [c for c in commands(proc) if "eval.run_eval" in c]
+    assert len(evaluations) == 1 + 4  # the data check, then each of the four runs
+    assert all(" --tasks gsm8k_loss " in f"{c} " for c in evaluations), evaluations
+
+
 def test_reproduce_skips_finished_runs_and_names_unknown_experiments(tmp_path):
     runs = tmp_path / "runs"
     done = runs / "small" / "table2_lora_r1_qv" / "seed42"

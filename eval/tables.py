@@ -108,6 +108,8 @@ def build_rows(results_files: list[Path], table: int) -> list[dict]:
             if len(values) > 1:
                 row[f"{metric} std"] = statistics.stdev(values)
         rows.append(row)
+    if table == 2:  # read by stage length: LoRA (never unloads), then the intervals from shortest to longest
+        rows.sort(key=lambda row: (row["method"] != "LoRA", int(str(row.get("unload every") or 0).split()[0])))
     return rows
 
 
@@ -133,10 +135,12 @@ def fmt(value) -> str:
 
 
 def fmt_cell(row: dict, column: str) -> str:
-    """A metric with a spread across seeds shows as mean ± std."""
-    cell = fmt(row.get(column, ""))
+    """A metric with a spread across seeds shows as mean ± std; a loss shows three decimals, where
+    rows that differ in the second decimal are often seeds apart."""
+    show = (lambda v: f"{v:.3f}") if column.endswith("loss") else fmt
+    cell = show(row[column]) if row.get(column) is not None else ""
     if f"{column} std" in row:
-        cell += f" ± {fmt(row[f'{column} std'])}"
+        cell += f" ± {show(row[f'{column} std'])}"
     return cell
 
 

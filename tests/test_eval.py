@@ -235,8 +235,8 @@ def test_table1_from_hand_written_results(tmp_path):
         "| method | r | trainable params | seeds | GSM8K | GSM8K flexible | GSM8K loss | MMLU Humanities | MMLU STEM"
         " | MMLU Social Sciences | MMLU Other | MMLU Average | ARC-E | ARC-C |\n"
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
-        "| base |  |  | 1 | 10.00 | 12.50 | 0.75 | 30.00 | 25.00 | 40.00 | 50.00 | 36.00 | 50.00 | 25.00 |\n"
-        "| PLoRA | 8 | 4.19M | 1 | 10.00 | 12.50 | 0.75 | 30.00 | 25.00 | 40.00 | 50.00 | 36.00 | 50.00 | 25.00 |\n"
+        "| base |  |  | 1 | 10.00 | 12.50 | 0.750 | 30.00 | 25.00 | 40.00 | 50.00 | 36.00 | 50.00 | 25.00 |\n"
+        "| PLoRA | 8 | 4.19M | 1 | 10.00 | 12.50 | 0.750 | 30.00 | 25.00 | 40.00 | 50.00 | 36.00 | 50.00 | 25.00 |\n"
         "\nGSM8K: exact match of the number after '####' (strict), the last number beside it (flexible); "
         'GSM8K loss: mean loss of the gold answers; MMLU, ARC: accuracy, scoring "A. text" replies.\n'
     )
@@ -257,7 +257,7 @@ def test_runs_differing_only_in_seed_share_a_row_with_mean_and_std(tmp_path):
     rows = tables.build_rows(files, 1)
     assert len(rows) == 1 and rows[0]["seeds"] == 3
     assert rows[0]["GSM8K loss"] == pytest.approx(0.8) and rows[0]["GSM8K loss std"] == pytest.approx(0.1)
-    assert "| LoRA | 1 |  | 3 | 0.80 ± 0.10 |" in tables.to_markdown(rows)
+    assert "| LoRA | 1 |  | 3 | 0.800 ± 0.100 |" in tables.to_markdown(rows)
     assert "GSM8K loss std" in tables.to_csv(rows).splitlines()[0]
 
 
@@ -280,8 +280,22 @@ def test_measured_runs_add_their_q_proj_rank_columns(tmp_path):
     assert "rank q" not in rows[1]
     assert tables.main(["--table", "2", "--results", *map(str, files), "--output_dir", str(tmp_path / "t")]) == 0
     markdown = (tmp_path / "t" / "table2.md").read_text()
-    assert "| 0.80 ± 0.00 | 5.00 ± 1.41 | 2.00 ± 0.71 |" in markdown
+    assert "| 0.800 ± 0.000 | 5.00 ± 1.41 | 2.00 ± 0.71 |" in markdown
     assert "mean effective rank of W_T - W_0 in q_proj" in markdown
+
+
+def test_table2_rows_run_from_lora_to_the_longest_interval(tmp_path):
+    from eval import tables
+
+    args = {"finetune_mode": "plora", "lora_r": 1, "lora_target_modules": "q_proj,v_proj", "learning_rate": 1e-4,
+            "unload_momentum": 0.1}  # fmt: skip
+    files = [fake_run(tmp_path, f"plora{n}", {**args, "unload_every_samples": n}, {}, METRICS) for n in (128, 256, 64)]
+    lora = {"finetune_mode": "lora", "lora_r": 1, "lora_target_modules": "q_proj,v_proj", "learning_rate": 1e-4}
+    files.append(fake_run(tmp_path, "lora", lora, {}, METRICS))
+    rows = tables.build_rows(files, 2)
+    assert [(row["method"], row.get("unload every", "")) for row in rows] == [
+        ("LoRA", ""), ("PLoRA", "64 samples"), ("PLoRA", "128 samples"), ("PLoRA", "256 samples")
+    ]  # fmt: skip
 
 
 def test_sweep_is_resumable_and_figures_are_pngs(tiny_model_dir, data_dir, tmp_path, capsys):

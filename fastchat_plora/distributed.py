@@ -199,11 +199,14 @@ def exit_without_finalizing(code: int) -> NoReturn:
     DeepSpeed keeps its process groups alive past ``destroy_process_group`` (measured: two gloo
     groups still referenced from ``deepspeed.utils.groups``, the engine, the ZeRO-3 optimizer and
     every partitioned parameter, after ``gc.collect()``), so their C++ backends are torn down while
-    the interpreter finalizes. A gloo worker thread that still holds a tensor then needs the GIL of
-    a dying interpreter and the rank aborts ("terminate called without an active exception",
-    SIGABRT; seen twice in CI under ZeRO-3, after the model was saved), which fails a finished job.
-    The handlers registered with ``atexit`` (W&B's finish, logging's flush) run first, while the
-    interpreter is whole; only the C-level teardown is skipped.
+    the interpreter finalizes, where a gloo thread that releases a tensor needs the GIL of a dying
+    interpreter (the failure pytorch/pytorch PR 179291 describes). That is the likely cause of the
+    abort seen twice in CI under ZeRO-3 after the model was saved ("terminate called without an
+    active exception", SIGABRT), which fails a finished job; 12 reruns of that test did not bring it
+    back, so the cause is inferred, not observed. The handlers registered with ``atexit`` (logging's
+    flush, anything a library registered) run first, through CPython's ``atexit._run_exitfuncs``
+    (there is no public way to run them early), while the interpreter is whole; only the C-level
+    teardown is skipped.
     """
     atexit._run_exitfuncs()
     sys.stdout.flush()

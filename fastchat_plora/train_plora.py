@@ -154,10 +154,10 @@ def resume_point(run: RunDir, training_args, settings: dict):
     """(the checkpoint this run resumes from or None, the summary of a finished run under `auto`),
     once the run directory is known to be this run's to write into."""
     auto = str(training_args.resume_from_checkpoint).lower() == "auto"
-    if auto and run.summary() is not None:
+    if auto and (finished := run.summary()) is not None:
         run.check_identity(settings)
         logger.info("%s holds a finished run: nothing to resume", run.path)
-        return None, run.summary()
+        return None, finished
     resume = run.resume_point(training_args.resume_from_checkpoint)
     run.check_writable(training_args.overwrite_output_dir, resuming=resume is not None, auto=auto)
     if resume is not None:

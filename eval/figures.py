@@ -8,13 +8,15 @@ Loss curves read each run's `log_history.json` (and, for a run that evaluated wh
 held-out loss and its stage boundaries from `unload_events.jsonl`); sweeps read `sweep.json` from eval/sweep.py;
 spectra read the `rank.json` files of `python -m fastchat_plora.analyze`.
 Losses are smoothed over a trailing window of optimizer steps (the paper: 150), checkpoint curves
-over a trailing window of checkpoints (the paper: 10).
+over a trailing window of checkpoints (the paper: 10). Runs that differ only in their seed make one
+curve, their mean; a loss curve shows the spread of its seeds as a band.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -71,23 +73,70 @@ def label(run_dir: Path) -> str:
     return text
 
 
-def plot_loss(runs: list[Path], smooth: int, output: Path) -> None:
-    """Training loss by run; where a run evaluated while training, its held-out loss beside it
-    (dashed, on both sides of each unload) and its stage boundaries (dotted verticals)."""
-    fig, ax = plt.subplots(figsize=(7, 4))
+# run_args.json entries that say where and how a run went, not what it trained: runs that differ only
+# in these (and their seed) are seeds of one configuration
+NOT_CONFIGURATION = {"seed", "data_seed", "output_dir", "run_name", "logging_dir", "resume_from_checkpoint",
+                     "overwrite_output_dir", "report_to", "disable_tqdm"}  # fmt: skip
+
+
+def configuration(run_dir: Path) -> str:
+    args_file = run_dir / "run_args.json"
+    if not args_file.is_file():
+        return str(run_dir)
+    args = json.loads(args_file.read_text())
+    return json.dumps({k: v for k, v in args.items() if k not in NOT_CONFIGURATION}, sort_keys=True)
+
+
+def by_configuration(runs: list[Path]) -> list[tuple[str, list[Path]]]:
+    """Runs grouped by configuration, with its label: the seeds of one configuration make one curve."""
+    groups: dict[str, list[Path]] = {}
     for run in runs:
-        history = json.loads((run / "log_history.json").read_text())
-        train = [e for e in history if "loss" in e]
-        steps = [e["step"] for e in train]
-        (line,) = ax.plot(steps, step_average(steps, [e["loss"] for e in train], smooth), label=label(run))
-        held_out = [e for e in history if "eval_loss" in e]
-        if held_out:
-            ax.plot([e["step"] for e in held_out], [e["eval_loss"] for e in held_out], "o--", color=line.get_color(),
-                    markersize=3, label=f"{label(run)}, held-out")  # fmt: skip
-        before = [e for e in history if "eval_before_unload_loss" in e]
-        ax.plot([e["step"] for e in before], [e["eval_before_unload_loss"] for e in before], "x",
-                color=line.get_color())  # fmt: skip
-        for step in stage_boundaries(run) if held_out else []:
+        groups.setdefault(configuration(run), []).append(run)
+    return [(label(group[0]), group) for group in groups.values()]
+
+
+def curve_label(name: str, group: list) -> str:
+    return f"{name} ({len(group)} seeds)" if len(group) > 1 else name
+
+
+def mean_band(series: list[dict[int, float]]) -> tuple[list[int], list[float], list[float], list[float]]:
+    """At the steps every run logged: the mean over the runs, the lowest and the highest value."""
+    steps = sorted(set.intersection(*(set(s) for s in series)))
+    values = [[s[step] for s in series] for step in steps]
+    return steps, [statistics.fmean(v) for v in values], [min(v) for v in values], [max(v) for v in values]
+
+
+def logged(history: list[dict], key: str) -> dict[int, float]:
+    return {entry["step"]: entry[key] for entry in history if key in entry}
+
+
+def plot_loss(runs: list[Path], smooth: int, output: Path) -> None:
+    """Training loss by configuration; where it evaluated while training, its held-out loss beside it
+    (dashed, on both sides of each unload) and its stage boundaries (dotted verticals).
+
+    The seeds of one configuration make one curve, their mean, with a band from the lowest to the
+    highest seed.
+    """
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, group in by_configuration(runs):
+        histories = [json.loads((run / "log_history.json").read_text()) for run in group]
+        train = []
+        for history in histories:
+            losses = logged(history, "loss")
+            steps = sorted(losses)
+            train.append(dict(zip(steps, step_average(steps, [losses[step] for step in steps], smooth))))
+        steps, mean, low, high = mean_band(train)
+        (line,) = ax.plot(steps, mean, label=curve_label(name, group))
+        if len(group) > 1:
+            ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
+        held_out = [logged(history, "eval_loss") for history in histories]
+        if not all(held_out):
+            continue
+        steps, mean, _, _ = mean_band(held_out)
+        ax.plot(steps, mean, "o--", color=line.get_color(), markersize=3, label=f"{name}, held-out")
+        steps, mean, _, _ = mean_band([logged(history, "eval_before_unload_loss") for history in histories])
+        ax.plot(steps, mean, "x", color=line.get_color())
+        for step in stage_boundaries(group[0]):
             ax.axvline(step, color=line.get_color(), linestyle=":", linewidth=0.8, alpha=0.6)
     ax.set(xlabel="step", ylabel=f"loss (training: mean over {smooth} steps)", title="Training loss")
     ax.legend()
@@ -119,24 +168,30 @@ def plot_sweeps(sweeps: list[Path], metric: str, window: int, output: Path) -> N
 
 
 def plot_spectra(rank_files: list[Path], output: Path, count: int = 64) -> None:
-    """Singular values of W_T - W_0 by layer type, averaged over the layers of each type, one line per run.
+    """Singular values of W_T - W_0 by layer type, averaged over the layers of each type, one line per
+    configuration (its seeds averaged too).
 
     Reads the rank.json files of `python -m fastchat_plora.analyze`. A LoRA run's curve drops to the
     rounding floor after r values; a PLoRA run's carries on to T * r.
     """
-    runs = [json.loads(path.read_text()) for path in rank_files]
-    types = list(dict.fromkeys(layer["type"] for run in runs for layer in run["layers"]))
+    runs = {}  # model path: its rank.json
+    for path in rank_files:
+        run = json.loads(path.read_text())
+        runs[Path(run["model_path"])] = run
+    groups = [(name, [runs[path] for path in group]) for name, group in by_configuration(list(runs))]
+    types = list(dict.fromkeys(layer["type"] for run in runs.values() for layer in run["layers"]))
     cols = min(4, len(types))
     rows = -(-len(types) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows), squeeze=False)
     for ax, layer_type in zip(axes.flat, types, strict=False):
-        for run in runs:
-            spectra = [layer["singular_values"][:count] for layer in run["layers"] if layer["type"] == layer_type]
+        for name, group in groups:
+            spectra = [layer["singular_values"][:count] for run in group for layer in run["layers"]
+                       if layer["type"] == layer_type]  # fmt: skip
             if not spectra:
                 continue
             n = min(map(len, spectra))
-            mean = [sum(s[i] for s in spectra) / len(spectra) for i in range(n)]
-            ax.semilogy(range(1, n + 1), mean, label=label(Path(run["model_path"])))
+            mean = [statistics.fmean(s[i] for s in spectra) for i in range(n)]
+            ax.semilogy(range(1, n + 1), mean, label=curve_label(name, group))
         ax.set(title=layer_type, xlabel="index")
     for ax in list(axes.flat)[len(types) :]:
         ax.axis("off")
@@ -158,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     sweep.add_argument("--metric", choices=sorted(METRICS), default="gsm8k")
     sweep.add_argument("--window", type=int, default=10)
     sweep.add_argument("--output", required=True)
-    spectra = sub.add_parser("spectra", help="singular values of W_T - W_0 by layer type, one line per run")
+    spectra = sub.add_parser("spectra", help="singular values of W_T - W_0 by layer type, one line per configuration")
     spectra.add_argument("--ranks", nargs="+", required=True, help="rank.json files (python -m fastchat_plora.analyze)")
     spectra.add_argument("--count", type=int, default=64, help="how many singular values to draw")
     spectra.add_argument("--output", required=True)

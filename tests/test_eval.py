@@ -405,3 +405,44 @@ def test_data_dir_hub_without_network_names_the_download_command(offline_hub, ti
     assert code == 2 and err[-1].startswith("error: cannot load openai/gsm8k (main) from the hub")
     assert "python -m eval.hub_data --output_dir DIR and pass --data_dir DIR" in err[-1]
     assert not (tmp_path / "never").exists()
+
+
+def figure_run(path: Path, seed: int, momentum: float, losses: list[float]) -> Path:
+    """A run directory as far as the figures read it: its arguments and its logged training loss."""
+    path.mkdir(parents=True)
+    args = {"finetune_mode": "plora", "lora_r": 8, "unload_momentum": momentum, "seed": seed,
+            "output_dir": str(path), "run_name": path.name}  # fmt: skip
+    (path / "run_args.json").write_text(json.dumps(args))
+    history = [{"step": step, "loss": loss} for step, loss in enumerate(losses, start=1)]
+    (path / "log_history.json").write_text(json.dumps(history))
+    return path
+
+
+def test_the_loss_figure_draws_the_seeds_of_a_configuration_as_one_mean_curve_with_a_band(tmp_path):
+    from eval import figures
+
+    runs = [figure_run(tmp_path / f"m0/seed{seed}", seed, 0.0, [1.0 + d, 0.5 + d]) for seed, d in ((1, 0.0), (2, 0.2))]
+    runs.append(figure_run(tmp_path / "m01/seed1", 1, 0.1, [2.0, 1.0]))
+    assert figures.main(["loss", "--runs", *map(str, runs), "--smooth", "1", "--output", str(tmp_path / "f.png")]) == 0
+    axes = figures.plt.gcf().axes[0]
+    assert [text.get_text() for text in axes.get_legend().get_texts()] == ["plora r8 m=0.0 (2 seeds)", "plora r8 m=0.1"]
+    assert list(axes.lines[0].get_ydata()) == pytest.approx([1.1, 0.6])  # the mean of the two seeds
+    assert list(axes.lines[1].get_ydata()) == [2.0, 1.0]
+    (band,) = axes.collections  # the two-seed curve's spread, lowest to highest seed
+    assert band.get_paths()[0].vertices[:, 1].min() == pytest.approx(0.5)
+    assert band.get_paths()[0].vertices[:, 1].max() == pytest.approx(1.2)
+
+
+def test_the_spectra_average_the_seeds_of_a_configuration_into_one_line(tmp_path):
+    from eval import figures
+
+    ranks = []
+    for name, seed, momentum, values in (("a", 1, 0.0, [4.0, 2.0]), ("b", 2, 0.0, [2.0, 1.0]), ("c", 1, 0.1, [1.0])):
+        run = figure_run(tmp_path / name, seed, momentum, [1.0])
+        rank = {"model_path": str(run), "layers": [{"type": "q_proj", "singular_values": values}]}
+        (run / "rank.json").write_text(json.dumps(rank))
+        ranks.append(str(run / "rank.json"))
+    assert figures.main(["spectra", "--ranks", *ranks, "--output", str(tmp_path / "s.png")]) == 0
+    axes = figures.plt.gcf().axes[0]
+    assert [list(line.get_ydata()) for line in axes.lines] == [[3.0, 1.5], [1.0]]
+    assert [text.get_text() for text in axes.get_legend().get_texts()] == ["plora r8 m=0.0 (2 seeds)", "plora r8 m=0.1"]

@@ -407,11 +407,11 @@ def test_data_dir_hub_without_network_names_the_download_command(offline_hub, ti
     assert not (tmp_path / "never").exists()
 
 
-def figure_run(path: Path, seed: int, momentum: float, losses: list[float]) -> Path:
+def figure_run(path: Path, seed: int, momentum: float, losses: list[float], learning_rate: float = 1e-4) -> Path:
     """A run directory as far as the figures read it: its arguments and its logged training loss."""
     path.mkdir(parents=True)
-    args = {"finetune_mode": "plora", "lora_r": 8, "unload_momentum": momentum, "seed": seed,
-            "output_dir": str(path), "run_name": path.name}  # fmt: skip
+    args = {"finetune_mode": "plora", "lora_r": 8, "unload_momentum": momentum, "learning_rate": learning_rate,
+            "seed": seed, "output_dir": str(path), "run_name": path.name}  # fmt: skip
     (path / "run_args.json").write_text(json.dumps(args))
     history = [{"step": step, "loss": loss} for step, loss in enumerate(losses, start=1)]
     (path / "log_history.json").write_text(json.dumps(history))
@@ -437,12 +437,14 @@ def test_the_spectra_average_the_seeds_of_a_configuration_into_one_line(tmp_path
     from eval import figures
 
     ranks = []
-    for name, seed, momentum, values in (("a", 1, 0.0, [4.0, 2.0]), ("b", 2, 0.0, [2.0, 1.0]), ("c", 1, 0.1, [1.0])):
-        run = figure_run(tmp_path / name, seed, momentum, [1.0])
+    for name, seed, momentum, lr, values in (("a", 1, 0.0, 1e-4, [4.0, 2.0]), ("b", 2, 0.0, 1e-4, [2.0, 1.0]),
+                                             ("c", 1, 0.1, 1e-4, [1.0]), ("d", 1, 0.0, 5e-4, [8.0])):  # fmt: skip
+        run = figure_run(tmp_path / name, seed, momentum, [1.0], lr)
         rank = {"model_path": str(run), "layers": [{"type": "q_proj", "singular_values": values}]}
         (run / "rank.json").write_text(json.dumps(rank))
         ranks.append(str(run / "rank.json"))
     assert figures.main(["spectra", "--ranks", *ranks, "--output", str(tmp_path / "s.png")]) == 0
     axes = figures.plt.gcf().axes[0]
-    assert [list(line.get_ydata()) for line in axes.lines] == [[3.0, 1.5], [1.0]]
-    assert [text.get_text() for text in axes.get_legend().get_texts()] == ["plora r8 m=0.0 (2 seeds)", "plora r8 m=0.1"]
+    assert [list(line.get_ydata()) for line in axes.lines] == [[3.0, 1.5], [1.0], [8.0]]  # another LR: not a seed
+    labels = [text.get_text() for text in axes.get_legend().get_texts()]
+    assert labels == ["plora r8 m=0.0 (2 seeds)", "plora r8 m=0.1", "plora r8 m=0.0"]

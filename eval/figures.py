@@ -87,12 +87,13 @@ def configuration(run_dir: Path) -> str:
     return json.dumps({k: v for k, v in args.items() if k not in NOT_CONFIGURATION}, sort_keys=True)
 
 
-def by_configuration(runs: list[Path]) -> list[tuple[str, list[Path]]]:
-    """Runs grouped by configuration, with its label: the seeds of one configuration make one curve."""
-    groups: dict[str, list[Path]] = {}
-    for run in runs:
-        groups.setdefault(configuration(run), []).append(run)
-    return [(label(group[0]), group) for group in groups.values()]
+def by_configuration(items: list, run_dir=lambda item: item) -> list[tuple[str, list]]:
+    """Items grouped by the configuration of their run (`run_dir(item)`), with its label: the seeds of
+    one configuration make one curve."""
+    groups: dict[str, list] = {}
+    for item in items:
+        groups.setdefault(configuration(run_dir(item)), []).append(item)
+    return [(label(run_dir(group[0])), group) for group in groups.values()]
 
 
 def curve_label(name: str, group: list) -> str:
@@ -174,12 +175,9 @@ def plot_spectra(rank_files: list[Path], output: Path, count: int = 64) -> None:
     Reads the rank.json files of `python -m fastchat_plora.analyze`. A LoRA run's curve drops to the
     rounding floor after r values; a PLoRA run's carries on to T * r.
     """
-    runs = {}  # model path: its rank.json
-    for path in rank_files:
-        run = json.loads(path.read_text())
-        runs[Path(run["model_path"])] = run
-    groups = [(name, [runs[path] for path in group]) for name, group in by_configuration(list(runs))]
-    types = list(dict.fromkeys(layer["type"] for run in runs.values() for layer in run["layers"]))
+    runs = [json.loads(path.read_text()) for path in rank_files]
+    groups = by_configuration(runs, lambda run: Path(run["model_path"]))
+    types = list(dict.fromkeys(layer["type"] for run in runs for layer in run["layers"]))
     cols = min(4, len(types))
     rows = -(-len(types) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows), squeeze=False)

@@ -25,6 +25,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
+from eval.runs import by_configuration  # noqa: E402
+
 METRICS = {
     "gsm8k": lambda m: 100 * m["gsm8k"]["exact_match_strict"],
     "gsm8k_loss": lambda m: m["gsm8k"]["heldout_loss"]["loss"],
@@ -73,29 +75,6 @@ def label(run_dir: Path) -> str:
     return text
 
 
-# run_args.json entries that say where and how a run went, not what it trained: runs that differ only
-# in these (and their seed) are seeds of one configuration
-NOT_CONFIGURATION = {"seed", "data_seed", "output_dir", "run_name", "logging_dir", "resume_from_checkpoint",
-                     "overwrite_output_dir", "report_to", "disable_tqdm"}  # fmt: skip
-
-
-def configuration(run_dir: Path) -> str:
-    args_file = run_dir / "run_args.json"
-    if not args_file.is_file():
-        return str(run_dir)
-    args = json.loads(args_file.read_text())
-    return json.dumps({k: v for k, v in args.items() if k not in NOT_CONFIGURATION}, sort_keys=True)
-
-
-def by_configuration(items: list, run_dir=lambda item: item) -> list[tuple[str, list]]:
-    """Items grouped by the configuration of their run (`run_dir(item)`), with its label: the seeds of
-    one configuration make one curve."""
-    groups: dict[str, list] = {}
-    for item in items:
-        groups.setdefault(configuration(run_dir(item)), []).append(item)
-    return [(label(run_dir(group[0])), group) for group in groups.values()]
-
-
 def curve_label(name: str, group: list) -> str:
     return f"{name} ({len(group)} seeds)" if len(group) > 1 else name
 
@@ -119,7 +98,8 @@ def plot_loss(runs: list[Path], smooth: int, output: Path) -> None:
     highest seed.
     """
     fig, ax = plt.subplots(figsize=(7, 4))
-    for name, group in by_configuration(runs):
+    for group in by_configuration(runs):
+        name = label(group[0])
         histories = [json.loads((run / "log_history.json").read_text()) for run in group]
         train = []
         for history in histories:
@@ -182,13 +162,14 @@ def plot_spectra(rank_files: list[Path], output: Path, count: int = 64) -> None:
     rows = -(-len(types) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows), squeeze=False)
     for ax, layer_type in zip(axes.flat, types, strict=False):
-        for name, group in groups:
+        for group in groups:
             spectra = [layer["singular_values"][:count] for run in group for layer in run["layers"]
                        if layer["type"] == layer_type]  # fmt: skip
             if not spectra:
                 continue
             n = min(map(len, spectra))
             mean = [statistics.fmean(s[i] for s in spectra) for i in range(n)]
+            name = label(Path(group[0]["model_path"]))
             ax.semilogy(range(1, n + 1), mean, label=curve_label(name, group))
         ax.set(title=layer_type, xlabel="index")
     for ax in list(axes.flat)[len(types) :]:

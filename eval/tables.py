@@ -19,6 +19,8 @@ import statistics
 import sys
 from pathlib import Path
 
+from eval.runs import by_configuration
+
 MMLU = ("Humanities", "STEM", "Social Sciences", "Other", "Average")
 SHORT = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate", "up_proj": "up",
          "down_proj": "down"}  # fmt: skip
@@ -86,22 +88,22 @@ LAYOUTS = {  # which label columns each table shows, in the paper's order
 
 
 def build_rows(results_files: list[Path], table: int) -> list[dict]:
-    """One row per configuration: runs that differ only in their seed are averaged.
+    """One row per configuration (`eval.runs`): runs that differ only in their seed are averaged.
 
     Such a row holds each metric's mean, its standard deviation across seeds (`<metric> std`,
-    when there are two or more) and the number of seeds.
+    when there are two or more) and the number of seeds. Rows of different configurations that the
+    table's columns would show alike gain the label columns that tell them apart (e.g. the momentum
+    of two PLoRA rows in Table 1).
     """
-    groups: dict[tuple, list[dict]] = {}
-    for path in results_files:
-        results = json.loads(path.read_text())
-        labels = run_labels(Path(results["model_path"]))
-        key = tuple((k, labels.get(k, "")) for k in LAYOUTS[table])
-        metrics = metric_columns(results["metrics"]) | rank_columns(Path(results["model_path"]))
-        groups.setdefault(key, []).append(metrics)
+    results = [json.loads(path.read_text()) for path in results_files]
+    groups = by_configuration(results, lambda result: Path(result["model_path"]))
+    labels = [run_labels(Path(group[0]["model_path"])) for group in groups]
+    columns = label_columns(LAYOUTS[table], labels)
     rows = []
-    for key, runs in groups.items():
-        row = dict(key)
-        row["seeds"] = len(runs)
+    for group, group_labels in zip(groups, labels):
+        row = {column: group_labels.get(column, "") for column in columns}
+        row["seeds"] = len(group)
+        runs = [metric_columns(r["metrics"]) | rank_columns(Path(r["model_path"])) for r in group]
         for metric in dict.fromkeys(m for run in runs for m in run):
             values = [run[metric] for run in runs if metric in run]
             row[metric] = statistics.fmean(values)
@@ -111,6 +113,16 @@ def build_rows(results_files: list[Path], table: int) -> list[dict]:
     if table == 2:  # read by stage length: LoRA (never unloads), then the intervals from shortest to longest
         rows.sort(key=lambda row: (row["method"] != "LoRA", int(str(row.get("unload every") or 0).split()[0])))
     return rows
+
+
+def label_columns(layout: list[str], labels: list[dict]) -> list[str]:
+    """The layout's columns, then any label in which rows that the layout shows alike differ."""
+    alike: dict[tuple, list[dict]] = {}
+    for row in labels:
+        alike.setdefault(tuple(row.get(column, "") for column in layout), []).append(row)
+    extra = [key for rows in alike.values() if len(rows) > 1 for row in rows for key in row
+             if key not in layout and len({str(r.get(key, "")) for r in rows}) > 1]  # fmt: skip
+    return layout + list(dict.fromkeys(extra))
 
 
 def scoring_note(results_files: list[Path]) -> str:

@@ -261,6 +261,26 @@ def test_runs_differing_only_in_seed_share_a_row_with_mean_and_std(tmp_path):
     assert "GSM8K loss std" in tables.to_csv(rows).splitlines()[0]
 
 
+def test_runs_of_other_configurations_keep_their_own_rows_and_the_column_that_tells_them_apart(tmp_path):
+    from eval import tables
+
+    args = {"finetune_mode": "plora", "lora_r": 8, "lora_target_modules": "q_proj", "learning_rate": 1e-4,
+            "unload_every_samples": 64}  # fmt: skip
+    files = [
+        fake_run(tmp_path, f"m{momentum}_seed{seed}", {**args, "unload_momentum": momentum, "seed": seed}, {},
+                 {"gsm8k": {"heldout_loss": {"loss": loss}}})
+        for momentum, seed, loss in ((0.0, 1, 0.7), (0.1, 1, 0.9), (0.0, 2, 0.8), (0.1, 2, 1.0))
+    ]  # fmt: skip
+    lora = {"finetune_mode": "lora", "lora_r": 8, "lora_target_modules": "q_proj", "learning_rate": 1e-4}
+    files.append(fake_run(tmp_path, "lora", lora, {}, {"gsm8k": {"heldout_loss": {"loss": 0.6}}}))
+    rows = tables.build_rows(files, 1)  # Table 1 shows method, r and parameters: both PLoRA rows alike
+    assert [(row["method"], row["momentum"], row["seeds"]) for row in rows] == [
+        ("PLoRA", 0.0, 2), ("PLoRA", 0.1, 2), ("LoRA", "", 1)
+    ]  # fmt: skip
+    assert [row["GSM8K loss"] for row in rows] == pytest.approx([0.75, 0.95, 0.6])
+    assert tables.to_markdown(rows).startswith("| method | r | trainable params | momentum | seeds | GSM8K loss |")
+
+
 def test_measured_runs_add_their_q_proj_rank_columns(tmp_path):
     from eval import tables
 

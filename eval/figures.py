@@ -156,20 +156,20 @@ def plot_spectra(rank_files: list[Path], output: Path, count: int = 64) -> None:
     rounding floor after r values; a PLoRA run's carries on to T * r.
     """
     runs = [json.loads(path.read_text()) for path in rank_files]
-    groups = by_configuration(runs, lambda run: Path(run["model_path"]))
+    groups = [(label(Path(group[0]["model_path"])), group)
+              for group in by_configuration(runs, lambda run: Path(run["model_path"]))]  # fmt: skip
     types = list(dict.fromkeys(layer["type"] for run in runs for layer in run["layers"]))
     cols = min(4, len(types))
     rows = -(-len(types) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows), squeeze=False)
     for ax, layer_type in zip(axes.flat, types, strict=False):
-        for group in groups:
+        for name, group in groups:
             spectra = [layer["singular_values"][:count] for run in group for layer in run["layers"]
                        if layer["type"] == layer_type]  # fmt: skip
             if not spectra:
                 continue
             n = min(map(len, spectra))
             mean = [statistics.fmean(s[i] for s in spectra) for i in range(n)]
-            name = label(Path(group[0]["model_path"]))
             ax.semilogy(range(1, n + 1), mean, label=curve_label(name, group))
         ax.set(title=layer_type, xlabel="index")
     for ax in list(axes.flat)[len(types) :]:

@@ -4,7 +4,8 @@
 #
 #   bash launch/reproduce.sh EXPERIMENT [SCALE]
 #
-# EXPERIMENT: table1 table2 table3 figure2 figure3 figure4 (the runs are configs/SCALE/EXPERIMENT_*.yaml).
+# EXPERIMENT: table1 table2 table3 figure2 figure3 figure4 (the runs are configs/SCALE/EXPERIMENT_*.yaml),
+#             or capacity (small scale only: does PLoRA r = 1 learn more than LoRA r = 1 where rank binds?).
 # SCALE: small (default: the embedded SmolLM2-135M on one CPU or GPU, every length scaled down) or
 #        paper (LLaMA-7B on NPROC GPUs through torchrun, global batch 24 as in the paper).
 # Resumable: a run with a summary.json is not trained again, one with checkpoints resumes from the
@@ -62,6 +63,12 @@ main() {
                 --results "$RUNS_DIR/$scale/base/eval/results.json" "${evals[@]}"
             run "$PY" -m eval.figures spectra --output "$out/spectra.png" \
                 --ranks "${runs[@]/%//rank/rank.json}" ;;
+        capacity)  # the GSM8K held-out loss of 200 test answers: the experiment's one measure
+            EVAL_FLAGS=(--tasks gsm8k_loss --limit 200)
+            evaluate "$BASE_MODEL" "$RUNS_DIR/$scale/capacity_base/eval"
+            for dir in "${runs[@]}"; do evaluate "$dir" "$dir/eval"; rank "$dir"; done
+            run "$PY" -m eval.tables --table capacity --output_dir "$out" \
+                --results "$RUNS_DIR/$scale/capacity_base/eval/results.json" "${evals[@]}" ;;
         table2 | table3)
             for dir in "${runs[@]}"; do evaluate "$dir" "$dir/eval"; rank "$dir"; done
             run "$PY" -m eval.tables --table "${experiment#table}" --output_dir "$out" --results "${evals[@]}" ;;

@@ -1,4 +1,4 @@
-"""The paper's Table 1, 2 and 3 layouts from results files, as markdown and CSV.
+"""The paper's Table 1, 2 and 3 layouts, and the capacity experiment's, from results files, as markdown and CSV.
 
     python -m eval.tables --table 1 --results runs/*/eval/results.json --output_dir results/tables
 
@@ -6,7 +6,9 @@ Each results.json names the model it evaluated; rows are labelled from that run'
 `run_args.json` and `summary.json` (method, rank, trainable parameters, modules, learning rate,
 unloading interval). A model directory without them (e.g. the untouched base) is labelled "base".
 A run measured by `fastchat_plora.analyze` (its `rank/rank.json`) adds the rank of its update
-W_T - W_0 in the q_proj layers, which every configuration adapts.
+W_T - W_0 in the q_proj layers, which every configuration adapts. The capacity table adds, from
+the run's own files, the training loss over the last stage's steps (the same steps, so the same
+batches, in every run of a seed) and the update each unload merged.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ def run_labels(model_path: Path) -> dict:
         labels["modules"] = ",".join(SHORT.get(m, m) for m in args["lora_target_modules"].split(","))
     if mode == "plora":
         labels["momentum"] = args["unload_momentum"]
+        if args["unload_momentum"] > 0:
+            labels["rule"] = args.get("momentum_mode", "preserve")
         labels["unload every"] = (
             f"{args['unload_every_samples']} samples" if args.get("unload_every_samples")
             else f"{args['unload_every_steps']} steps"
@@ -80,14 +84,47 @@ def rank_columns(model_path: Path) -> dict:
     return {"rank q": by_type["numerical_rank_max"], "eff. rank q": by_type["effective_rank_mean"]}
 
 
+def last_steps_loss(model_path: Path, steps: int) -> float | None:
+    """Mean logged training loss over the run's last ``steps`` optimizer steps."""
+    history_file = model_path / "log_history.json"
+    if not history_file.is_file():
+        return None
+    losses = {e["step"]: e["loss"] for e in json.loads(history_file.read_text()) if "loss" in e}
+    if not losses:
+        return None
+    last = max(losses)
+    window = [loss for step, loss in losses.items() if step > last - steps]
+    return statistics.fmean(window)
+
+
+def merged_norms(model_path: Path) -> list[float]:
+    """The norm of the update each unload merged, stage by stage (the final merge last)."""
+    events = model_path / "unload_events.jsonl"
+    if not events.is_file():
+        return []
+    return [json.loads(line)["update_norm"] for line in events.read_text().splitlines() if line]
+
+
+def stage_length(results: list[dict]) -> int | None:
+    """The shortest stage, in steps, of the PLoRA runs among ``results``: the window the capacity
+    table compares training losses over."""
+    lengths = []
+    for result in results:
+        summary = Path(result["model_path"]) / "summary.json"
+        if summary.is_file() and (steps := json.loads(summary.read_text()).get("stage_steps")):
+            lengths.append(steps)
+    return min(lengths, default=None)
+
+
 LAYOUTS = {  # which label columns each table shows, in the paper's order
-    1: ["method", "r", "trainable params"],
-    2: ["method", "modules", "r", "unload every"],
-    3: ["modules", "lr", "method", "r"],
+    "1": ["method", "r", "trainable params"],
+    "2": ["method", "modules", "r", "unload every"],
+    "3": ["modules", "lr", "method", "r"],
+    "capacity": ["method", "r", "momentum", "rule", "unload every"],
 }
 
 
-def build_rows(results_files: list[Path], table: int) -> list[dict]:
+def build_rows(results_files: list[Path], table: str) -> list[dict]:
     """One row per configuration (`eval.runs`): runs that differ only in their seed are averaged.
 
     Such a row holds each metric's mean, its standard deviation across seeds (`<metric> std`,
@@ -99,30 +136,43 @@ def build_rows(results_files: list[Path], table: int) -> list[dict]:
     groups = by_configuration(results, lambda result: Path(result["model_path"]))
     labels = [run_labels(Path(group[0]["model_path"])) for group in groups]
     columns = label_columns(LAYOUTS[table], labels)
+    window = stage_length(results) if table == "capacity" else None
     rows = []
     for group, group_labels in zip(groups, labels):
         row = {column: group_labels.get(column, "") for column in columns}
         row["seeds"] = len(group)
         runs = [metric_columns(r["metrics"]) | rank_columns(Path(r["model_path"])) for r in group]
+        if window:
+            for run, result in zip(runs, group):
+                if (loss := last_steps_loss(Path(result["model_path"]), window)) is not None:
+                    run[f"train loss, last {window} steps"] = loss
         for metric in dict.fromkeys(m for run in runs for m in run):
             values = [run[metric] for run in runs if metric in run]
             row[metric] = statistics.fmean(values)
             if len(values) > 1:
                 row[f"{metric} std"] = statistics.stdev(values)
+        if table == "capacity" and (norms := [merged_norms(Path(r["model_path"])) for r in group]) and norms[0]:
+            by_stage = [statistics.fmean(stage) for stage in zip(*norms)]  # the mean over seeds, stage by stage
+            row["merged norm by stage"] = ", ".join(f"{n:.2f}" for n in by_stage)
         rows.append(row)
-    if table == 2:  # read by stage length: LoRA (never unloads), then the intervals from shortest to longest
+    if table == "2":  # read by stage length: LoRA (never unloads), then the intervals from shortest to longest
         rows.sort(key=lambda row: (row["method"] != "LoRA", int(str(row.get("unload every") or 0).split()[0])))
     return rows
 
 
 def label_columns(layout: list[str], labels: list[dict]) -> list[str]:
-    """The layout's columns, then any label in which rows that the layout shows alike differ."""
-    alike: dict[tuple, list[dict]] = {}
-    for row in labels:
-        alike.setdefault(tuple(row.get(column, "") for column in layout), []).append(row)
-    extra = [key for rows in alike.values() if len(rows) > 1 for row in rows for key in row
-             if key not in layout and len({str(r.get(key, "")) for r in rows}) > 1]  # fmt: skip
-    return layout + list(dict.fromkeys(extra))
+    """The layout's columns, then, in label order, each label in which rows that the columns so far
+    show alike differ (a label that tells no such rows apart is left out, e.g. the momentum rule
+    of rows that their momentum already tells apart)."""
+    columns = list(layout)
+    candidates = [key for row in labels for key in row if key not in layout]
+    for key in dict.fromkeys(candidates):
+        alike: dict[tuple, set[str]] = {}
+        for row in labels:
+            alike.setdefault(tuple(str(row.get(c, "")) for c in columns), set()).add(str(row.get(key, "")))
+        if any(len(values) > 1 for values in alike.values()):
+            columns.append(key)
+    return columns
 
 
 def scoring_note(results_files: list[Path]) -> str:
@@ -174,7 +224,10 @@ def to_csv(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--table", type=int, choices=sorted(LAYOUTS), required=True, help="the paper's table number")
+    parser.add_argument(
+        "--table", choices=sorted(LAYOUTS), required=True,
+        help="the paper's table number, or capacity (the capacity experiment, docs/reproducing.md)",
+    )  # fmt: skip
     parser.add_argument("--results", nargs="+", required=True, help="results.json files (seeds share a row)")
     parser.add_argument("--output_dir", required=True)
     args = parser.parse_args(argv)
@@ -191,8 +244,9 @@ def main(argv: list[str] | None = None) -> int:
             f"rank q, eff. rank q: the numerical rank (largest over the layers) and the mean effective rank of "
             f"W_T - W_0 in {RANK_LAYER}.\n"
         )
-    (out / f"table{args.table}.md").write_text(markdown)
-    (out / f"table{args.table}.csv").write_text(to_csv(rows))
+    stem = f"table{args.table}" if args.table.isdigit() else f"{args.table}_table"
+    (out / f"{stem}.md").write_text(markdown)
+    (out / f"{stem}.csv").write_text(to_csv(rows))
     print(markdown)
     return 0
 

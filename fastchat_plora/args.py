@@ -144,7 +144,10 @@ class PLoRAArguments:
     )
     momentum_mode: str = field(
         default="preserve",
-        metadata={"help": "preserve: adapter keeps m·BA, output unchanged; paper: A,B scaled by m (keeps m²·BA)."},
+        metadata={
+            "help": "preserve: adapter keeps m·BA, output unchanged; paper: A,B scaled by m (keeps m²·BA); "
+            "refresh: B scaled by m, A <- m·A + (1 - m)·A_new (a fresh draw)."
+        },
     )
     merge_compensation: str = field(
         default="auto",

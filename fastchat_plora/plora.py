@@ -12,9 +12,13 @@ and the adapter starts the next stage from
     m = 0:                 A ~ init (see INIT_METHODS),  B = 0
     m > 0, mode "preserve": A <- sqrt(m) * A,  B <- sqrt(m) * B   (adapter keeps m * Delta)
     m > 0, mode "paper":    A <- m * A,        B <- m * B         (adapter keeps m^2 * Delta)
+    m > 0, mode "refresh":  A <- m * A + (1 - m) * A_new,  B <- m * B,  A_new ~ init
 
 With m = 0 or mode "preserve" the function computed by the model is unchanged by an unload;
 "paper" is the literal reading of Section 5.2 and shifts the output by (m^2 - m) * Delta.
+"refresh" reads momentum as partial replacement: the kept share of A is topped up with a fresh
+draw (the paper's Section 3 draws A_t anew at every stage), so A keeps its initial scale instead of
+shrinking by m at every unload; the adapter keeps m^2 * Delta + m (1 - m) s B A_new.
 After T stages W_T - W_0 = sum_t (1 - m) s B_t A_t has rank up to T * r.
 
 This module knows nothing of the Trainer, files or launchers: it takes modules, an optimizer,
@@ -33,7 +37,7 @@ from dataclasses import dataclass, field
 import torch
 from peft.tuners.lora import LoraLayer
 
-MOMENTUM_MODES = ("preserve", "paper")
+MOMENTUM_MODES = ("preserve", "paper", "refresh")
 # How A is drawn at stage 0 and at every re-draw (A is r x fan_in):
 #   kaiming_gaussian   N(0, 1 / (3 fan_in)): the variance of PEFT's default init, as a Gaussian (the paper
 #                      says Gaussian; its FastChat + PEFT framework drew A with PEFT's default)
@@ -101,11 +105,15 @@ def fresh_lora_a(shape: torch.Size, generator: torch.Generator, method: str = DE
 def next_factors(
     a: torch.Tensor, b: torch.Tensor, momentum: float, mode: str, generator: torch.Generator | None, init: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The adapter the next stage starts from: a fresh (A, 0) for m = 0, else the kept share of (A, B)."""
+    """The adapter the next stage starts from: a fresh (A, 0) for m = 0, else the kept share of (A, B),
+    A topped up with a fresh draw under ``refresh``."""
     if momentum == 0.0:
         return fresh_lora_a(a.shape, generator, init), torch.zeros(b.shape, dtype=torch.float32)
     keep = math.sqrt(momentum) if mode == "preserve" else momentum
-    return a.float() * keep, b.float() * keep
+    new_a = a.float() * keep
+    if mode == "refresh":
+        new_a = new_a.add_(fresh_lora_a(a.shape, generator, init).to(a.device), alpha=1.0 - momentum)
+    return new_a, b.float() * keep
 
 
 class LocalWeights:
@@ -229,8 +237,8 @@ def unload(
 ) -> UnloadReport:
     """Merge (1 - momentum) of every adapter into its base weight and start the next stage.
 
-    See the module docstring for the maths. ``generator`` is required when ``momentum == 0``
-    (A is re-drawn from it) and unused otherwise. ``weights`` says how to reach the weights and
+    See the module docstring for the maths. ``generator`` is required when A is drawn anew
+    (``momentum == 0``, or mode ``refresh``) and unused otherwise. ``weights`` says how to reach the weights and
     holds the compensation buffers (`LocalWeights`, or ZeRO's); every rank calls this under ZeRO,
     and visits the layers in module order, so all draw the same A. The report holds each layer's
     merged factors (c * B, A), c = (1 - m) * scaling, on the CPU: the adapter's size.
@@ -239,8 +247,8 @@ def unload(
         raise ValueError(f"momentum must be in [0, 1), got {momentum}")
     if mode not in MOMENTUM_MODES:
         raise ValueError(f"unknown momentum mode {mode!r}; expected one of {MOMENTUM_MODES}")
-    if momentum == 0.0 and generator is None:
-        raise ValueError("an unload with momentum 0 re-draws A and needs an explicit generator")
+    if (momentum == 0.0 or mode == "refresh") and generator is None:
+        raise ValueError(f"an unload with momentum {momentum} ({mode}) draws a new A and needs an explicit generator")
 
     layers = list(lora_layers(model, adapter_name))
     if not layers:

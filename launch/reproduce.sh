@@ -18,6 +18,7 @@ set -euo pipefail
 RUNS_DIR="${RUNS_DIR:-runs}"            # runs land in RUNS_DIR/SCALE/<config name>/seed<SEED>
 RESULTS_DIR="${RESULTS_DIR:-results}"   # tables and figures land in RESULTS_DIR/SCALE/EXPERIMENT
 SEEDS="${SEEDS:-42}"                    # several seeds, space-separated: table rows show mean ± std
+CONFIGS="${CONFIGS:-}"                  # train these configs only (names, e.g. "table1_lora_r1 table1_plora_r1"); default all
 NPROC="${NPROC:-8}"                     # paper scale: GPUs on this node
 GLOBAL_BATCH="${GLOBAL_BATCH:-24}"      # paper scale: per-device batch x accumulation x NPROC
 DEEPSPEED="${DEEPSPEED:-}"              # paper scale: e.g. configs/ds/zero3.json (full fine-tuning of 7B needs ZeRO)
@@ -38,6 +39,15 @@ main() {
     shopt -s nullglob
     local configs=(configs/"$scale"/"$experiment"_*.yaml)
     [ ${#configs[@]} -gt 0 ] || fail "experiment '$experiment': no configs/$scale/${experiment}_*.yaml"
+    if [ -n "$CONFIGS" ]; then
+        local name chosen=()
+        for name in $CONFIGS; do
+            [ -f "configs/$scale/$name.yaml" ] && [[ "$name" == "$experiment"_* ]] \
+                || fail "CONFIGS: '$name' is not a config of $experiment (configs/$scale/${experiment}_*.yaml)"
+            chosen+=("configs/$scale/$name.yaml")
+        done
+        configs=("${chosen[@]}")
+    fi
     set_scale "$scale"
     "$PY" -m fastchat_plora.args "${configs[@]}"  # every config checked before any run starts
     if [ "$experiment" != figure2 ]; then  # and the test sets, before hours of training

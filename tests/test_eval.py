@@ -254,7 +254,7 @@ def test_runs_differing_only_in_seed_share_a_row_with_mean_and_std(tmp_path):
         fake_run(tmp_path, name, {**args, "seed": i}, {}, {"gsm8k": {"heldout_loss": {"loss": loss}}})
         for i, (name, loss) in enumerate(losses.items())
     ]
-    rows = tables.build_rows(files, 1)
+    rows = tables.build_rows(files, "1")
     assert len(rows) == 1 and rows[0]["seeds"] == 3
     assert rows[0]["GSM8K loss"] == pytest.approx(0.8) and rows[0]["GSM8K loss std"] == pytest.approx(0.1)
     assert "| LoRA | 1 |  | 3 | 0.800 ± 0.100 |" in tables.to_markdown(rows)
@@ -273,7 +273,7 @@ def test_runs_of_other_configurations_keep_their_own_rows_and_the_column_that_te
     ]  # fmt: skip
     lora = {"finetune_mode": "lora", "lora_r": 8, "lora_target_modules": "q_proj", "learning_rate": 1e-4}
     files.append(fake_run(tmp_path, "lora", lora, {}, {"gsm8k": {"heldout_loss": {"loss": 0.6}}}))
-    rows = tables.build_rows(files, 1)  # Table 1 shows method, r and parameters: both PLoRA rows alike
+    rows = tables.build_rows(files, "1")  # Table 1 shows method, r and parameters: both PLoRA rows alike
     assert [(row["method"], row["momentum"], row["seeds"]) for row in rows] == [
         ("PLoRA", 0.0, 2), ("PLoRA", 0.1, 2), ("LoRA", "", 1)
     ]  # fmt: skip
@@ -295,7 +295,7 @@ def test_measured_runs_add_their_q_proj_rank_columns(tmp_path):
         (tmp_path / f"seed{seed}" / "rank" / "rank.json").write_text(json.dumps({"by_type": by_type}))
     unmeasured = {"gsm8k": {"heldout_loss": {"loss": 0.7}}}
     files.append(fake_run(tmp_path, "unmeasured", {**args, "lora_r": 8}, {}, unmeasured))
-    rows = tables.build_rows(files, 2)
+    rows = tables.build_rows(files, "2")
     assert rows[0]["rank q"] == 5 and rows[0]["eff. rank q"] == 2.0 and rows[0]["rank q std"] > 0
     assert "rank q" not in rows[1]
     assert tables.main(["--table", "2", "--results", *map(str, files), "--output_dir", str(tmp_path / "t")]) == 0
@@ -312,10 +312,35 @@ def test_table2_rows_run_from_lora_to_the_longest_interval(tmp_path):
     files = [fake_run(tmp_path, f"plora{n}", {**args, "unload_every_samples": n}, {}, METRICS) for n in (128, 256, 64)]
     lora = {"finetune_mode": "lora", "lora_r": 1, "lora_target_modules": "q_proj,v_proj", "learning_rate": 1e-4}
     files.append(fake_run(tmp_path, "lora", lora, {}, METRICS))
-    rows = tables.build_rows(files, 2)
+    rows = tables.build_rows(files, "2")
     assert [(row["method"], row.get("unload every", "")) for row in rows] == [
         ("LoRA", ""), ("PLoRA", "64 samples"), ("PLoRA", "128 samples"), ("PLoRA", "256 samples")
     ]  # fmt: skip
+
+
+def test_capacity_table_compares_the_last_stages_training_loss_and_each_stages_merge(tmp_path):
+    from eval import tables
+
+    loss = {"gsm8k": {"heldout_loss": {"loss": 0.8}}}
+    lora = {"finetune_mode": "lora", "lora_r": 1, "lora_target_modules": "q_proj", "learning_rate": 1e-4}
+    plora = {**lora, "finetune_mode": "plora", "unload_every_steps": 2, "unload_momentum": 0.1,
+             "momentum_mode": "refresh"}  # fmt: skip
+    runs = {"lora": (lora, {"stage_steps": None}, [2.0, 1.0, 0.5, 0.3], [3.0]),
+            "plora": (plora, {"stage_steps": 2}, [2.0, 1.0, 0.9, 0.7], [2.0, 1.0])}  # fmt: skip
+    files = []
+    for name, (args, summary, losses, norms) in runs.items():
+        files.append(fake_run(tmp_path, name, args, summary, loss))
+        history = [{"loss": value, "step": step} for step, value in enumerate(losses, 1)] + [{"train_loss": 1.0}]
+        (tmp_path / name / "log_history.json").write_text(json.dumps(history))
+        events = "".join(json.dumps({"update_norm": n}) + "\n" for n in norms)
+        (tmp_path / name / "unload_events.jsonl").write_text(events)
+    rows = tables.build_rows(files, "capacity")
+    assert [row["train loss, last 2 steps"] for row in rows] == pytest.approx([0.4, 0.8])  # steps 3 and 4
+    assert [row["merged norm by stage"] for row in rows] == ["3.00", "2.00, 1.00"]
+    labels = [(row["method"], row["momentum"], row["rule"]) for row in rows]
+    assert labels == [("LoRA", "", ""), ("PLoRA", 0.1, "refresh")]
+    assert tables.main(["--table", "capacity", "--results", *map(str, files), "--output_dir", str(tmp_path)]) == 0
+    assert (tmp_path / "capacity_table.md").read_text().startswith("| method | r | momentum | rule | unload every |")
 
 
 def test_sweep_is_resumable_and_figures_are_pngs(tiny_model_dir, data_dir, tmp_path, capsys):

@@ -142,6 +142,21 @@ def test_reproduce_skips_finished_runs_and_names_unknown_experiments(tmp_path):
     assert proc.returncode == 2 and "table9" in proc.stderr
 
 
+def test_reproduce_trains_only_the_configs_named(tmp_path):
+    env = {"RUNS_DIR": str(tmp_path / "runs"), "RESULTS_DIR": str(tmp_path), "SEEDS": "42 43"}
+    proc = dry_run("reproduce.sh", "capacity", "small", CONFIGS="capacity_lora_r1 capacity_plora_r1_m0", **env)
+    assert proc.returncode == 0, proc.stderr
+    trained = [c for c in commands(proc) if "fastchat_plora.train_plora" in c]
+    assert [c.split("--config ")[1].split()[0] for c in trained] == [
+        "configs/small/capacity_lora_r1.yaml", "configs/small/capacity_lora_r1.yaml",
+        "configs/small/capacity_plora_r1_m0.yaml", "configs/small/capacity_plora_r1_m0.yaml",
+    ]  # fmt: skip
+    assert " --tasks gsm8k_loss --limit 200 " in [c for c in commands(proc) if "eval.run_eval --model_path" in c][0]
+    assert "eval.tables --table capacity" in commands(proc)[-1]
+    proc = dry_run("reproduce.sh", "capacity", "small", CONFIGS="table1_lora_r1", **env)
+    assert proc.returncode == 2 and "CONFIGS: 'table1_lora_r1' is not a config of capacity" in proc.stderr
+
+
 @pytest.mark.skipif(not (REPO / ".venv/bin/python").exists(), reason="env.sh sets up .venv; tests/run.sh makes it")
 @pytest.mark.parametrize("allocator, expected", [("mimalloc", "libmimalloc"), ("system", ""), ("tcmalloc", None)])
 def test_env_sh_starts_later_commands_on_the_chosen_allocator(allocator, expected):

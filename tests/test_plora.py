@@ -117,6 +117,41 @@ def test_m0_unload_zeroes_b_and_redraws_a():
         assert not torch.equal(a, before[name]["A"])
 
 
+@pytest.mark.parametrize("momentum", [0.1, 0.3])
+def test_refresh_keeps_m_of_b_and_tops_a_up_with_the_stages_draw(momentum):
+    model = tiny_lora()
+    before = snapshot(model)
+    unload(model, momentum=momentum, mode="refresh", generator=stage_generator(0, 1))
+    draws = stage_generator(0, 1)  # the same stream: layers draw A_new in module order
+    for name, layer in lora_layers(model):
+        old = before[name]
+        delta = old["s"] * old["B"] @ old["A"]
+        a_new = fresh_lora_a(old["A"].shape, draws)
+        torch.testing.assert_close(layer.get_base_layer().weight, old["W"] + (1 - momentum) * delta, rtol=0, atol=1e-6)
+        torch.testing.assert_close(layer.lora_B["default"].weight, momentum * old["B"], rtol=0, atol=0)
+        expected_a = momentum * old["A"] + (1 - momentum) * a_new
+        torch.testing.assert_close(layer.lora_A["default"].weight, expected_a, rtol=1e-6, atol=1e-7)
+
+
+def test_refresh_keeps_a_at_its_initial_scale_where_paper_shrinks_it():
+    # Three unloads at m = 0.1: the literal rule leaves A at 0.1^3 of its scale, refresh near the first draw's.
+    stds = {}
+    for mode in ("paper", "refresh"):
+        model = tiny_lora()
+        first = torch.cat([layer.lora_A["default"].weight.flatten() for _, layer in lora_layers(model)]).std()
+        for stage in range(1, 4):
+            unload(model, momentum=0.1, mode=mode, generator=stage_generator(0, stage))
+        last = torch.cat([layer.lora_A["default"].weight.flatten() for _, layer in lora_layers(model)]).std()
+        stds[mode] = (last / first).item()
+    assert stds["paper"] == pytest.approx(1e-3, rel=1e-4)
+    assert 0.8 < stds["refresh"] < 1.0  # sqrt(m^2 + (1 - m)^2) = 0.906 per unload, drawn afresh each time
+
+
+def test_refresh_needs_a_generator():
+    with pytest.raises(ValueError, match="needs an explicit generator"):
+        unload(tiny_lora(), momentum=0.1, mode="refresh")
+
+
 REDRAW_SCRIPT = """
 import hashlib, torch
 from tests.conftest import tiny_lora

@@ -7,7 +7,7 @@ from peft import LoraConfig, get_peft_model
 
 from fastchat_plora.distributed import gathered
 from fastchat_plora.lora_dropout import recompute_lora_dropout
-from fastchat_plora.plora import DEFAULT_INIT, reinit_adapters
+from fastchat_plora.plora import DEFAULT_INIT, lora_layers, reinit_adapters
 
 
 class AdapterError(ValueError):
@@ -41,6 +41,28 @@ def add_adapters(
         recompute_lora_dropout(model)
     reinit_adapters(model, generator, init=init)
     return model
+
+
+def compute_in_input_dtype(model: torch.nn.Module, adapters_in_base_dtype: bool = False) -> int:
+    """Stop PEFT casting each adapted layer's input to the adapter's dtype; returns how many layers.
+
+    On a bf16/fp16 base PEFT keeps the adapters in fp32 and casts the layer input to fp32 for them:
+    under autocast the matmuls still run in bf16/fp16 (autocast casts the fp32 copy straight back,
+    exactly, as bf16 -> fp32 -> bf16 is lossless), but every adapted layer holds its own copy of its
+    input for backward. Without the cast the adapters take the base layer's input tensor itself.
+    That needs autocast, or adapters in the base's dtype (``adapters_in_base_dtype``: under DeepSpeed,
+    whose optimizer keeps their fp32 masters; ZeRO-2 casts them so itself, ZeRO-3 does not): an fp32
+    adapter on a bf16 input outside autocast would fail on the dtype mismatch.
+    """
+    count = 0
+    for _, layer in lora_layers(model):
+        if adapters_in_base_dtype:
+            dtype = layer.get_base_layer().weight.dtype
+            for factor in (layer.lora_A["default"].weight, layer.lora_B["default"].weight):
+                factor.data = factor.data.to(dtype)
+        layer.cast_input_dtype_enabled = False
+        count += 1
+    return count
 
 
 def probe_layer(model: torch.nn.Module, targets: list[str]) -> tuple[str, torch.Tensor]:

@@ -16,12 +16,13 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 import yaml
 from transformers import HfArgumentParser, IntervalStrategy
 from transformers import TrainingArguments as HfTrainingArguments
 
 from fastchat_plora.data import check_conv_template
-from fastchat_plora.models import ATTENTION, DTYPES, flash_attention_available
+from fastchat_plora.models import DTYPES, compute_dtype, flash_attention_available, known_attention
 from fastchat_plora.plora import DEFAULT_INIT, INIT_METHODS, MOMENTUM_MODES
 
 ALL_LINEAR = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # the paper's seven layers
@@ -46,8 +47,9 @@ class ModelArguments:
     attn_implementation: str = field(
         default="auto",
         metadata={
-            "help": "Attention kernel: auto (flash_attention_2 where flash-attn is installed on a GPU, else sdpa), "
-            "flash_attention_2, sdpa, eager."
+            "help": "Attention kernel: auto (flash_attention_2 where flash-attn runs: an Ampere or newer GPU, "
+            "bf16/fp16 compute; else sdpa), or any name transformers takes: sdpa, eager, flash_attention_2, "
+            "flash_attention_3, flex_attention, a hub kernel such as kernels-community/flash-attn2."
         },
     )
 
@@ -308,18 +310,14 @@ def validate(model_args, data_args, lora_args, plora_args, training_args) -> Non
         raise ConfigError(f"finetune_mode={mode!r}: expected one of {FINETUNE_MODES}")
     if model_args.model_dtype not in DTYPES:
         raise ConfigError(f"model_dtype={model_args.model_dtype!r}: expected one of {tuple(DTYPES)}")
-    if model_args.attn_implementation not in ATTENTION:
-        raise ConfigError(f"attn_implementation={model_args.attn_implementation!r}: expected one of {ATTENTION}")
-    if model_args.attn_implementation == "flash_attention_2" and not flash_attention_available():
-        raise ConfigError(
-            "attn_implementation=flash_attention_2 needs flash-attn on a CUDA GPU "
-            "(pip install -e '.[gpu]' then pip install flash-attn --no-build-isolation); use auto or sdpa"
-        )
+    check_attention(model_args, training_args)
     if mode == "full" and model_args.model_dtype != "float32" and not training_args.deepspeed:
         raise ConfigError(
             f"finetune_mode=full with model_dtype={model_args.model_dtype}: AdamW would update those weights "
-            "with no fp32 master copy (small updates round away); use --model_dtype float32 --bf16 True "
-            "(fp32 weights, bf16 autocast) or --deepspeed configs/ds/zero3.json (fp32 master weights)"
+            "with no fp32 master copy (small updates round away); use --deepspeed configs/ds/zero3.json (fp32 "
+            "masters and Adam state partitioned across the GPUs: what a 7B model needs), or, where fp32 weights, "
+            "gradients and Adam state fit on each device (16 bytes a parameter: up to about 4B parameters on an "
+            "80 GB card, before activations), --model_dtype float32 --bf16 True"
         )
     if not data_args.data_path:
         raise ConfigError("data_path is required (a JSON/JSONL file of conversations, e.g. the mix of data_prep/)")
@@ -374,6 +372,27 @@ def validate(model_args, data_args, lora_args, plora_args, training_args) -> Non
         raise ConfigError(f"max_bad_stages={plora_args.max_bad_stages}: must be at least 1")
     if training_args.output_dir is None:
         raise ConfigError("output_dir is required")
+
+
+def check_attention(model_args, training_args) -> None:
+    """An attention transformers knows; flash-attention only where it is installed, on bf16/fp16 compute."""
+    attention = model_args.attn_implementation
+    if not known_attention(attention):
+        raise ConfigError(
+            f"attn_implementation={attention!r}: transformers has no such attention; expected auto, eager, sdpa, "
+            "flash_attention_2, flash_attention_3, flex_attention or a hub kernel (org/name)"
+        )
+    if attention == "flash_attention_2" and not flash_attention_available():
+        raise ConfigError(
+            "attn_implementation=flash_attention_2 needs flash-attn on a CUDA GPU "
+            "(pip install flash-attn --no-build-isolation, docs/clusters.md); use auto or sdpa"
+        )
+    compute = compute_dtype(model_args.model_dtype, training_args.bf16, training_args.fp16)
+    if attention.startswith("flash_attention") and compute == torch.float32:
+        raise ConfigError(
+            f"attn_implementation={attention} with model_dtype={model_args.model_dtype} and no --bf16/--fp16: the "
+            "layers would compute in fp32, which flash-attention does not take; add --bf16 True, or use sdpa"
+        )
 
 
 def check_eval(data_args, training_args) -> None:

@@ -6,6 +6,7 @@ go in `rundir.py`, and the Trainer subclass (schedule, loss, atomic checkpoints)
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import time
@@ -53,10 +54,14 @@ class StopRequest:
         self.signalled = True
 
     def agree(self, device: torch.device | str = "cpu") -> bool:
-        """Whether any rank was asked to stop: one all-reduce over the ranks (a 1-element tensor, once
-        a step: microseconds against a step's seconds), nothing in a single process."""
-        wanted = self.signalled or (self.stop_file is not None and self.stop_file.exists())
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        """Whether any rank was asked to stop: one all-reduce over the ranks (a 1-element tensor, once a step),
+        nothing in a single process. Only rank 0 looks for the STOP file (one stat a step on a shared file
+        system, not one per GPU). Reading the result waits for the device, which the Trainer does at every step
+        anyway (its NaN/Inf check of the loss, `logging_nan_inf_filter`), so the check adds no stall."""
+        multi = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        looks = self.stop_file is not None and (not multi or dist.get_rank() == 0)
+        wanted = self.signalled or (looks and self.stop_file.exists())
+        if multi:
             flag = torch.tensor([int(wanted)], device=device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             wanted = bool(flag.item())
@@ -211,7 +216,8 @@ class SamplesCallback(TrainerCallback):
     Each round appends rows (step, stage, prompt, output) to the run's `samples.jsonl` (rank 0) and
     to ``rows``, which the W&B callback logs as a table. Every rank generates (under ZeRO-3 the
     layers are gathered for each forward, so all ranks must take part). Must come after the
-    PLoRACallback, so that a boundary's replies are the merged model's.
+    PLoRACallback, so that a boundary's replies are the merged model's. ``autocast`` (the
+    Trainer's, set once it exists) gives the replies training's mixed precision.
     """
 
     def __init__(
@@ -227,6 +233,7 @@ class SamplesCallback(TrainerCallback):
         self.prompts, self.plan, self.run = prompts, plan, run
         self.max_new_tokens, self.synced_gpus, self.stop = max_new_tokens, synced_gpus, stop
         self.rows: list[dict] = []
+        self.autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
 
     def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
         if state.global_step == 0:
@@ -250,11 +257,12 @@ class SamplesCallback(TrainerCallback):
         rows = []
         for text, ids in self.prompts:
             input_ids = torch.tensor([ids], device=device)
-            out = model.generate(
-                input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=self.max_new_tokens,
-                do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=pad,
-                synced_gpus=self.synced_gpus,
-            )  # fmt: skip
+            with self.autocast():
+                out = model.generate(
+                    input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=self.max_new_tokens,
+                    do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=pad,
+                    synced_gpus=self.synced_gpus,
+                )  # fmt: skip
             reply = tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True)
             rows.append({"step": state.global_step, "stage": stage, "final": final, "prompt": text, "output": reply})
         model.train(training)

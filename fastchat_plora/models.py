@@ -105,22 +105,55 @@ def load_tokenizer(path: str, model_max_length: int | None = None) -> PreTrained
     return tokenizer
 
 
-ATTENTION = ("auto", "flash_attention_2", "sdpa", "eager")
-
-
 def flash_attention_available() -> bool:
+    """flash-attn's package is installed and a CUDA GPU is visible."""
     return importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
 
 
-def resolve_attention(attn_implementation: str) -> str:
-    """`auto`: flash-attn's kernels where installed on a GPU (the paper's setup), PyTorch's SDPA otherwise."""
-    if attn_implementation == "auto":
-        return "flash_attention_2" if flash_attention_available() else "sdpa"
-    return attn_implementation
+def flash_attention_runs(compute: torch.dtype) -> bool:
+    """flash-attention 2 can run here: installed, on an Ampere or newer GPU, with fp16/bf16 compute."""
+    return (
+        compute in (torch.bfloat16, torch.float16)
+        and flash_attention_available()
+        and torch.cuda.get_device_capability()[0] >= 8
+    )
 
 
-def load_model(path: str, dtype: str = "float32", attn_implementation: str = "auto") -> PreTrainedModel:
-    attn_implementation = resolve_attention(attn_implementation)
+def known_attention(name: str) -> bool:
+    """Whether transformers accepts ``name`` as an attention implementation (or ``auto``, ours)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    try:  # a hub kernel, e.g. kernels-community/flash-attn2: transformers' own pattern
+        from transformers.integrations.hub_kernels import is_kernel
+    except ImportError:
+        is_kernel = lambda name: name.count("/") == 1  # noqa: E731
+    return name in ("auto", "eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()) or is_kernel(name)
+
+
+def compute_dtype(model_dtype: str, bf16: bool = False, fp16: bool = False) -> torch.dtype:
+    """The dtype the layers compute in: the weights' own, else autocast's (--bf16, --fp16)."""
+    dtype = DTYPES[model_dtype]
+    if dtype == torch.float32 and (bf16 or fp16):
+        return torch.bfloat16 if bf16 else torch.float16
+    return dtype
+
+
+def resolve_attention(attn_implementation: str, compute: torch.dtype = torch.float32) -> str:
+    """`auto`: flash-attention 2 where it can run (`flash_attention_runs`), PyTorch's SDPA otherwise.
+
+    flash-attn takes only fp16/bf16 inputs, so fp32 compute (fp32 weights without --bf16) gets SDPA
+    even where flash-attn is installed. Any other name goes to transformers as given.
+    """
+    if attn_implementation != "auto":
+        return attn_implementation
+    chosen = "flash_attention_2" if flash_attention_runs(compute) else "sdpa"
+    logger.info("attention: %s (auto, %s compute%s)", chosen, str(compute).removeprefix("torch."),
+                "" if flash_attention_available() else ", flash-attn not installed or no CUDA GPU")  # fmt: skip
+    return chosen
+
+
+def load_model(path: str, dtype: str = "float32", attn_implementation: str = "sdpa") -> PreTrainedModel:
+    """The causal LM at ``path`` in ``dtype``, with the attention implementation as given (`resolve_attention`)."""
     config = AutoConfig.from_pretrained(path)
     config.use_cache = False  # training never uses the KV cache
     return AutoModelForCausalLM.from_pretrained(

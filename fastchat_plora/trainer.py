@@ -68,6 +68,14 @@ class PLoRATrainer(Trainer):
                 logs["plora_stage"] = self.plan.stage_of(self.state.global_step)
         super().log(logs, start_time)
 
+    def compute_loss_context_manager(self):
+        """The Trainer's, inside the accelerator's autocast (--bf16/--fp16; nothing under DeepSpeed, which casts
+        the model itself). accelerate autocasts only the top-level ``model.forward``, and `labeled_loss` calls the
+        decoder directly: without this, fp32 weights with --bf16 would compute the loss in fp32."""
+        stack = super().compute_loss_context_manager()
+        stack.enter_context(self.accelerator.autocast())
+        return stack
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Cross-entropy over the labeled positions only (`loss.labeled_loss`), normalised as the Trainer's.
 

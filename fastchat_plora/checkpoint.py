@@ -145,14 +145,13 @@ def restore_base_weights(checkpoint: Path, model: torch.nn.Module, weights: Loca
 
 def copy_merged_weights(saved: dict, model: torch.nn.Module, weights: LocalWeights) -> None:
     """The earlier layout: the checkpoint holds each adapted layer's merged base weight (and Kahan buffer)."""
-    compensation = weights.compensation if weights.compensation is not None else {}
     with torch.no_grad():
         for name, layer in lora_layers(model):
             base = layer.get_base_layer().weight
             with gathered([base], modifier_rank=0):
                 base.copy_(saved[f"base::{name}"].to(base.device, base.dtype))
             if f"comp::{name}" in saved:
-                compensation[name] = saved[f"comp::{name}"].to(base.device)
+                weights.load_buffer(name, base, saved[f"comp::{name}"].to(base.device))
 
 
 def check_layers(checkpoint: Path, saved: dict, model: torch.nn.Module) -> dict:

@@ -28,7 +28,6 @@ the existing tensors so the Parameter objects, and the optimizer's references to
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import math
 from collections.abc import Callable, Iterable, Iterator
@@ -119,13 +118,15 @@ def next_factors(
 class LocalWeights:
     """How an unload reads and writes weights that this process holds whole.
 
-    `unload`, `reinit_adapters` and `next_stage` do all their maths through one of these, so the
-    maths is written once; `distributed.ZeroWeights` overrides the access for DeepSpeed ZeRO, where
-    the adapters' fp32 masters live in the optimizer and ZeRO-3 partitions every weight.
+    `unload`, `reinit_adapters`, `next_stage` and `replay` do all their maths through one of these,
+    so the maths is written once; `distributed.py` overrides the access for several processes: data
+    parallel, where each rank keeps the Kahan buffers of a share of the layers, and DeepSpeed ZeRO,
+    where the adapters' fp32 masters live in the optimizer and ZeRO-3 partitions every weight.
 
     ``compensation``, when given, holds the Kahan buffers of the bf16/fp16 base weights by layer
-    name (missing ones are created, zero, at the first merge); None merges without compensation.
-    Checkpoints save and restore the same dict.
+    name; None merges without compensation. `allocate` creates them, zero, before training starts,
+    so the memory they take is known from step 0 (a buffer missing at a merge, as in a direct call
+    to `unload`, is created then). Replaying a run's stages rebuilds them.
     """
 
     def __init__(self, compensation: dict[str, torch.Tensor] | None = None):
@@ -147,19 +148,44 @@ class LocalWeights:
         """Where `read` puts the value of ``param``, and so where the unload computes its product."""
         return param.device
 
-    def whole(self, weight: torch.Tensor) -> contextlib.AbstractContextManager:
-        """A block inside which ``weight`` is whole and writes to it last."""
-        return contextlib.nullcontext()
-
-    def keeps_compensation(self, weight: torch.Tensor) -> bool:
-        """Whether this process keeps the Kahan buffer of ``weight`` (the one whose writes last)."""
+    def keeps(self, name: str, weight: torch.Tensor) -> bool:
+        """Whether this process keeps (and merges with) the Kahan buffer of layer ``name``."""
         return True
 
-    def compensation_for(self, name: str, weight: torch.Tensor) -> torch.Tensor | None:
+    def new_buffer(self, weight: torch.Tensor) -> torch.Tensor:
+        """A zero Kahan buffer for ``weight``: its dtype, device and shape."""
+        return torch.zeros_like(weight)
+
+    def allocate(self, model: torch.nn.Module, adapter_name: str = "default") -> int:
+        """Create, zero, the Kahan buffers this process keeps; returns their size in bytes (0 without compensation)."""
+        if self.compensation is None:
+            return 0
+        for name, layer in lora_layers(model, adapter_name):
+            self.buffer(name, layer.get_base_layer().weight)
+        return sum(b.numel() * b.element_size() for b in self.compensation.values())
+
+    def buffer(self, name: str, weight: torch.Tensor) -> torch.Tensor | None:
         """The Kahan buffer to merge ``weight`` with, or None for a plain merge."""
-        if self.compensation is None or not needs_compensation(weight) or not self.keeps_compensation(weight):
+        if self.compensation is None or not needs_compensation(weight) or not self.keeps(name, weight):
             return None
-        return self.compensation.setdefault(name, torch.zeros_like(weight))
+        if name not in self.compensation:
+            self.compensation[name] = self.new_buffer(weight)
+        return self.compensation[name]
+
+    def load_buffer(self, name: str, weight: torch.Tensor, value: torch.Tensor) -> None:
+        """Set layer ``name``'s Kahan buffer from a saved whole one (checkpoints of the earlier layout)."""
+        if (buffer := self.buffer(name, weight)) is not None:
+            buffer.copy_(value)
+
+    def merge(self, name: str, weight: torch.Tensor, first_row: int, update: torch.Tensor) -> None:
+        """weight[rows] += update (fp32) for the block of rows starting at ``first_row``, rounded once to the
+        weight's dtype, compensated where a buffer is kept."""
+        rows = slice(first_row, first_row + update.shape[0])
+        buffer = self.buffer(name, weight)
+        compensated_add_(weight[rows], update.to(weight.device), None if buffer is None else buffer[rows])
+
+    def merged(self, name: str, weight: torch.Tensor) -> None:
+        """Every block of ``weight`` has been merged (where several processes share the work, they sync here)."""
 
     def reset_optimizer(self, optimizer, model: torch.nn.Module, adapter_name: str = "default") -> int:
         """Zero the adapters' optimizer state; returns how many parameters had state."""
@@ -209,20 +235,39 @@ def needs_compensation(weight: torch.Tensor) -> bool:
     return weight.dtype in (torch.bfloat16, torch.float16)
 
 
-def merge_(layer: LoraLayer, name: str, scaled_b: torch.Tensor, a: torch.Tensor, weights: LocalWeights) -> torch.Tensor:
-    """W += scaled_b @ A for one layer (fp32 product, one rounding, compensated where ``weights`` keeps buffers).
+MERGE_BLOCK = 2**22  # elements of the weight merged at a time: 32 MiB of fp64 product, a bounded transient
 
-    The one merge both `unload` and `replay` make, so a replay from the stage files gives the bits
-    the run had. PEFT's ``get_delta_weight`` computes in the adapter's dtype; exact merging in
-    bf16/fp16 runs needs fp32, so the product is written here. Returns the merged update.
+
+def update_blocks(scaled_b: torch.Tensor, a: torch.Tensor, transposed: bool) -> Iterator[tuple[int, torch.Tensor]]:
+    """(first row, fp32 update) for blocks of rows of the weight, whose update is scaled_b @ A (transposed
+    for a weight stored as (in, out)). Every caller splits a weight into the same blocks, so every path that
+    merges it (unload, replay, one rank's ZeRO-3 partition) rounds the same products.
+
+    The product is taken in fp64 and rounded to fp32 once: no TF32 or autocast setting reaches fp64
+    matmuls, so the update is the same whatever precision the training process chose (a rank-r product
+    costs nothing beside a training step). PEFT's ``get_delta_weight`` computes in the adapter's dtype,
+    hence this product of our own. Apple GPUs have no fp64 (nor TF32): fp32 there.
     """
-    update = scaled_b.float() @ a.float()
-    if getattr(layer, "fan_in_fan_out", False):  # a weight stored as (in, out)
-        update = update.T
-    base = layer.get_base_layer().weight
-    with weights.whole(base):
-        compensated_add_(base, update.to(base.device), weights.compensation_for(name, base))
-    return update
+    dtype = torch.float32 if a.device.type == "mps" else torch.float64
+    b, a = scaled_b.to(dtype), a.to(dtype)
+    rows, columns = (a.shape[1], b.shape[0]) if transposed else (b.shape[0], a.shape[1])
+    step = max(1, MERGE_BLOCK // columns)
+    for first in range(0, rows, step):
+        block = (b @ a[:, first : first + step]).T if transposed else b[first : first + step] @ a
+        yield first, block.float()
+
+
+def merge_(layer: LoraLayer, name: str, scaled_b: torch.Tensor, a: torch.Tensor, weights: LocalWeights) -> float:
+    """W += scaled_b @ A for one layer, block by block (`update_blocks`), each rounded once to W's dtype and
+    compensated where ``weights`` keeps a buffer. The one merge both `unload` and `replay` make, so a replay
+    from the stage files gives the bits the run had. Returns the Frobenius norm of the merged update.
+    """
+    weight, squares = layer.get_base_layer().weight, 0.0
+    for first_row, block in update_blocks(scaled_b, a, getattr(layer, "fan_in_fan_out", False)):
+        weights.merge(name, weight, first_row, block)
+        squares += torch.linalg.vector_norm(block).item() ** 2
+    weights.merged(name, weight)
+    return math.sqrt(squares)
 
 
 def unload(
@@ -268,7 +313,7 @@ def unload(
         for name, layer in layers:
             a, b = factors[name]
             scaled_b = b.float() * ((1.0 - momentum) * layer.scaling[adapter_name])
-            report.update_norms[name] = merge_(layer, name, scaled_b, a, weights).norm().item()
+            report.update_norms[name] = merge_(layer, name, scaled_b, a, weights)
             report.factors[name] = (scaled_b.cpu(), a.float().cpu().clone())
             new_a, new_b = next_factors(a, b, momentum, mode, generator, init)
             weights.write(layer.lora_A[adapter_name].weight, new_a)

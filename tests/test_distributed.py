@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -22,9 +23,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from eval.loading import load_for_eval
-from tests.conftest import REPO, module_env, relative_update_difference, run_module, tiny_run, write_conversations
+from tests.conftest import (
+    ALL_LINEAR,
+    REPO,
+    module_env,
+    relative_update_difference,
+    run_module,
+    tiny_run,
+    write_conversations,
+)
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -113,17 +123,83 @@ def test_held_out_loss_and_samples_with_two_processes(setup, launcher, extra, po
     assert [row["step"] for row in rows] == [0, 2, 4, 6]
 
 
+BF16 = ["--model_dtype", "bfloat16", "--bf16", "True", "--lora_dropout", "0.05"]
+
+
+def zero3_partitioning_everything(tmp: Path) -> Path:
+    """configs/ds/zero3.json with no parameter kept whole: the LoRA factors are partitioned too."""
+    config = json.loads((REPO / "configs" / "ds" / "zero3.json").read_text())
+    config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    path = tmp / "zero3_threshold0.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+def replayed_on_one_process(run: Path, base: Path) -> dict[str, torch.Tensor]:
+    """W_0 with every stage file of ``run`` merged by the single-process core (bf16, Kahan-compensated)."""
+    from fastchat_plora.adapters import add_adapters
+    from fastchat_plora.models import load_model
+    from fastchat_plora.plora import LocalWeights, replay, stage_generator
+    from fastchat_plora.rundir import RunDir
+
+    model = add_adapters(load_model(str(base), "bfloat16"), r=2, alpha=16, targets=ALL_LINEAR,
+                         generator=stage_generator(0, 0))  # fmt: skip
+    stages = RunDir(run)
+    assert replay(model, (stages.stage_factors(s) for s in range(3)), weights=LocalWeights({})) == 3
+    return {name.removeprefix("base_model.model.").replace(".base_layer", ""): p.detach()
+            for name, p in model.named_parameters() if ".base_layer." in name}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "launcher, extra, port",
+    [("torchrun", [], 29621), ("deepspeed", ["--deepspeed", "ZERO2"], 29622),
+     ("deepspeed", ["--deepspeed", "ZERO3_THRESHOLD0"], 29623)],
+    ids=["ddp-gloo", "zero2", "zero3"],
+)  # fmt: skip
+def test_bf16_merges_of_two_processes_are_the_single_process_merges_with_half_the_buffers_each(
+    setup, launcher, extra, port
+):
+    """DDP and ZeRO-2 share the Kahan buffers out by layer (owner merges, then broadcasts); ZeRO-3 merges
+    each rank's partition with its slice of the buffers. Either way the weights are those one process gets
+    from the same stage factors, bit for bit, and each rank holds half of the buffers."""
+    base, data, reference, tmp = setup
+    configs = {"ZERO2": str(REPO / "configs" / "ds" / "zero2.json"), "ZERO3_THRESHOLD0": str(
+        zero3_partitioning_everything(tmp))}  # fmt: skip
+    out, log = tmp / f"bf16-{launcher}-{port}", tmp / f"bf16-{launcher}-{port}.log"
+    launch(launcher, port, flags(base, data, out, 1, *[configs.get(e, e) for e in extra], *BF16), log)
+
+    saved = load_file(str(out / "model.safetensors"))
+    for name, weight in replayed_on_one_process(out, base).items():
+        assert torch.equal(saved[name], weight), name
+    sizes = [float(m) for m in re.findall(r"merge compensation: ([\d.]+) MiB", log.read_text())]
+    total = replayed_total_mib(base)
+    assert len(sizes) == 2 and all(size <= 0.55 * total for size in sizes) and sum(sizes) >= 0.99 * total, sizes
+
+
+def replayed_total_mib(base: Path) -> float:
+    """The Kahan buffers one process keeps for the tiny model in bf16: one per adapted weight."""
+    from transformers import AutoConfig
+
+    c = AutoConfig.from_pretrained(base)
+    kv = c.num_key_value_heads * c.hidden_size // c.num_attention_heads
+    per_layer = 2 * c.hidden_size**2 + 2 * c.hidden_size * kv + 3 * c.hidden_size * c.intermediate_size
+    return c.num_hidden_layers * per_layer * 2 / 2**20
+
+
 def test_zero3_resumes_exactly_from_its_checkpoint(setup):
+    """bf16 with Kahan buffers, LoRA dropout and every parameter partitioned: the resumed run replays the
+    stages into its partitions and goes on to the same bits as the run that was not stopped."""
     base, data, _, tmp = setup
-    zero3 = REPO / "configs" / "ds" / "zero3.json"
+    zero3 = zero3_partitioning_everything(tmp)
     whole = tmp / "zero3-whole"
-    launch("deepspeed", 29614, flags(base, data, whole, 1, "--deepspeed", str(zero3)), tmp / "whole.log")
+    launch("deepspeed", 29614, flags(base, data, whole, 1, "--deepspeed", str(zero3), *BF16), tmp / "whole.log")
     resumed = tmp / "zero3-resumed"
     shutil.copytree(whole / "checkpoint-3", resumed / "checkpoint-3")
     shutil.copytree(whole / "stages", resumed / "stages")  # the checkpoint stands on the run's stage files
-    extra = ["--deepspeed", str(zero3), "--resume_from_checkpoint", "latest"]
+    extra = ["--deepspeed", str(zero3), *BF16, "--resume_from_checkpoint", "latest"]
     launch("deepspeed", 29615, flags(base, data, resumed, 1, *extra), tmp / "resumed.log")
-    assert relative_update_difference(resumed, whole, base) < 1e-6
+    ours, theirs = (load_file(str(run / "model.safetensors")) for run in (resumed, whole))
+    assert all(torch.equal(ours[name], theirs[name]) for name in theirs)
 
 
 def test_zero3_trains_with_the_recomputed_lora_dropout(setup):

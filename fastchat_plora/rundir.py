@@ -236,6 +236,14 @@ class RunDir:
             )
         return [read_tensors(path) for path in paths]
 
+    def prepare(self, writer: bool, resume: Path | None, started: float, identity: dict) -> None:
+        """Make the directory; the ``writer`` (one process of a job) trims it to ``resume`` and records the
+        run's identity."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        if writer:
+            self.trim(resume, started)
+            self.write_identity(identity)
+
     def trim(self, resume: Path | None, started: float | None = None) -> None:
         """Forget what came after the checkpoint a run resumes from: all of it for a fresh run.
 

@@ -19,7 +19,7 @@ from collections import defaultdict
 import torch
 from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
 
-from fastchat_plora.adapters import add_adapters, probe_layer
+from fastchat_plora.adapters import add_adapters, compute_in_input_dtype, probe_layer
 from fastchat_plora.args import parse_args, validate
 from fastchat_plora.callback import (
     PLoRACallback,
@@ -41,7 +41,15 @@ from fastchat_plora.distributed import (
     uses_zero,
     weights_for,
 )
-from fastchat_plora.models import DTYPES, load_model, load_tokenizer, resolve_model_path, save_model
+from fastchat_plora.models import (
+    DTYPES,
+    compute_dtype,
+    load_model,
+    load_tokenizer,
+    resolve_attention,
+    resolve_model_path,
+    save_model,
+)
 from fastchat_plora.plora import PAPER_STAGE_SAMPLES, StagePlan, steps_per_stage, update_rank
 from fastchat_plora.rundir import RunDir
 from fastchat_plora.sources import hold_out, load_prompts, load_training_data
@@ -61,20 +69,16 @@ def main(model_args, data_args, lora_args, plora_args, training_args) -> dict:
     resume, finished = resume_point(run, training_args, settings)
     if finished is not None:  # `auto` on a run that has finished: a requeued job with nothing left to do
         return finished
-    zero = uses_zero(training_args)
-    if zero:
+    if uses_zero(training_args):
         init_deepspeed_comm(training_args)
     conversations, held_out, samples = load_data(data_args, training_args.seed)  # bad data fails first
 
-    model_path = resolve_model_path(model_args.model_name_or_path)
-    tokenizer = load_tokenizer(model_path, data_args.model_max_length)
-    use_prompt_format(tokenizer, data_args.conv_template, model_path)  # before any model loads: a missing format fails
-    model = load_model(model_path, model_args.model_dtype, model_args.attn_implementation)
-    adapted = plora_args.finetune_mode != "full"
-    plan = stage_plan(lora_args, plora_args, training_args)
+    model_path, tokenizer, model = load_base(model_args, data_args, training_args)
+    adapted, plan = plora_args.finetune_mode != "full", stage_plan(lora_args, plora_args, training_args)
     weights = weights_for(training_args, {} if wants_compensation(plora_args, model_args) else None)
     if adapted:
-        model = adapt(model, lora_args, plan, check_zero=zero)
+        model = adapt(model, lora_args, plan, training_args)
+        allocate_buffers(weights, model)  # from step 0: a run they do not fit fails now, not at the first unload
     probe = probe_layer(model, lora_args.targets)
     base_sum = base_checksum(model) if adapted else ""  # identifies W_0 in checkpoints
     if adapted and resume:
@@ -89,10 +93,7 @@ def main(model_args, data_args, lora_args, plora_args, training_args) -> dict:
     identity = wandb_identity(run.path, resume is not None, training_args.run_name, tags)
     wandb_env = prepare_wandb(training_args.report_to, identity)  # offline without a key; error without the package
 
-    run.path.mkdir(parents=True, exist_ok=True)
-    if training_args.process_index == 0:  # one process tidies the shared output directory
-        run.trim(resume, started)
-        run.write_identity(settings)
+    run.prepare(training_args.process_index == 0, resume, started, settings)
     stop = StopRequest(run.stop_file)
     callbacks = make_callbacks(args, plan, weights, run, stop, resume=resume, base_sum=base_sum,
                                wandb=wandb_env is not None, trainable=trainable, prompts=prompts)  # fmt: skip
@@ -102,16 +103,8 @@ def main(model_args, data_args, lora_args, plora_args, training_args) -> dict:
         plan=plan if adapted else None, weights=weights, base_checksum=base_sum,
         labeled_logits_only=training_args.labeled_logits_only,
     )  # fmt: skip
-    if eval_dataset is not None and "unloads" in callbacks:  # the held-out loss on both sides of every unload
-        callbacks["unloads"].evaluate = trainer.evaluate
-
-    stop.install()
-    try:
-        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    finally:
-        stop.uninstall()
-        if wandb_env is not None:
-            finish_wandb(wandb_env)
+    connect(callbacks, trainer)
+    result = train(trainer, stop, resume, wandb_env)
     if stop.stopped_early(trainer.state):
         return {"preempted": True, "steps": trainer.state.global_step, "checkpoint": str(run.latest_checkpoint())}
     # The callback's final unload left every adapter merged and B = 0; drop the LoRA layers.
@@ -121,6 +114,44 @@ def main(model_args, data_args, lora_args, plora_args, training_args) -> dict:
         if trainer.is_world_process_zero():
             save_run(run, trainer, final_model, tokenizer, summary, {"base_model": model_path, **as_dict(args)})
     return summary
+
+
+def allocate_buffers(weights, model) -> None:
+    """The Kahan buffers of the compensated merges this process keeps, created now (`plora.LocalWeights`)."""
+    size = weights.allocate(model)
+    if size:
+        logger.info("merge compensation: %.3f MiB of Kahan buffers on this process", size / 2**20)
+
+
+def load_base(model_args, data_args, training_args) -> tuple[str, object, torch.nn.Module]:
+    """(model path, tokenizer, model): the prompt format is checked before the model loads, and `auto`
+    attention is chosen for the dtype the layers will compute in."""
+    model_path = resolve_model_path(model_args.model_name_or_path)
+    tokenizer = load_tokenizer(model_path, data_args.model_max_length)
+    use_prompt_format(tokenizer, data_args.conv_template, model_path)  # a missing format fails before any load
+    compute = compute_dtype(model_args.model_dtype, training_args.bf16, training_args.fp16)
+    attention = resolve_attention(model_args.attn_implementation, compute)
+    return model_path, tokenizer, load_model(model_path, model_args.model_dtype, attention)
+
+
+def connect(callbacks: dict, trainer: PLoRATrainer) -> None:
+    """What the callbacks need of the Trainer once it exists: its evaluation (the held-out loss on both
+    sides of every unload) and its mixed precision (sample replies)."""
+    if trainer.eval_dataset is not None and "unloads" in callbacks:
+        callbacks["unloads"].evaluate = trainer.evaluate
+    if "samples" in callbacks:
+        callbacks["samples"].autocast = trainer.accelerator.autocast
+
+
+def train(trainer: PLoRATrainer, stop: StopRequest, resume, wandb_env):
+    """trainer.train with the stop request (SIGTERM, the STOP file) listened to, and W&B closed whatever happens."""
+    stop.install()
+    try:
+        return trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    finally:
+        stop.uninstall()
+        if wandb_env is not None:
+            finish_wandb(wandb_env)
 
 
 def make_callbacks(
@@ -203,16 +234,34 @@ def save_run(run: RunDir, trainer, model, tokenizer, summary: dict, recorded_arg
     run.write_run_files(recorded_args, summary, trainer.state.log_history)
 
 
-def adapt(model, lora_args, plan: StagePlan, check_zero: bool):
-    """The model with LoRA adapters; stage 0's A comes from the plan's generator, like every later stage's."""
+def adapt(model, lora_args, plan: StagePlan, training_args):
+    """The model with LoRA adapters; stage 0's A comes from the plan's generator, like every later stage's.
+
+    On a bf16/fp16 base under --bf16/--fp16 the adapters take the layer input as it is (no fp32 copy per
+    layer, `adapters.compute_in_input_dtype`); data parallel gets the DDP settings of a PEFT model.
+    """
+    low_precision = next(model.parameters()).dtype in (torch.bfloat16, torch.float16)
     model = add_adapters(
         model, r=lora_args.lora_r, alpha=lora_args.lora_alpha, targets=lora_args.targets,
         generator=plan.generator(0), dropout=lora_args.lora_dropout, init=plan.init,
         recompute_dropout=lora_args.lora_dropout_recompute,
     )  # fmt: skip
-    if check_zero:
+    if low_precision and (training_args.bf16 or training_args.fp16 or uses_zero(training_args)):
+        compute_in_input_dtype(model, adapters_in_base_dtype=uses_zero(training_args))
+    if uses_zero(training_args):
         check_only_adapters_train(model)
+    ddp_settings(training_args)
     return model
+
+
+def ddp_settings(training_args) -> None:
+    """DDP for an adapted model, unless set by the user: every adapter takes part in every step, so DDP need not
+    search the graph for unused parameters (HF turns the search on for any model that is not a PreTrainedModel, as
+    a PEFT model is not), and no buffer changes in training (the rotary frequencies), so none is broadcast."""
+    if training_args.ddp_find_unused_parameters is None:
+        training_args.ddp_find_unused_parameters = False
+    if training_args.ddp_broadcast_buffers is None:
+        training_args.ddp_broadcast_buffers = False
 
 
 def stage_plan(lora_args, plora_args, training_args) -> StagePlan:
@@ -271,7 +320,9 @@ def summarize(trainer, result, mode: str, plan: StagePlan, trainable: int, probe
     """The run summary: steps, stages, losses, and the rank of W_T - W_0 for the probed layer."""
     probe_name, w0 = probe
     w_final = final_model.get_submodule(probe_name).weight
-    rank = update_rank(w_final.detach().cpu(), w0, w_final.dtype)
+    rank = None
+    if trainer.is_world_process_zero():  # one SVD, on the rank that reports it
+        rank = dataclasses.asdict(update_rank(w_final.detach().cpu(), w0, w_final.dtype))
     plan = plan if mode == "plora" else StagePlan()
     return {
         "finetune_mode": mode,
@@ -282,7 +333,7 @@ def summarize(trainer, result, mode: str, plan: StagePlan, trainable: int, probe
         "stages": plan.count(trainer.state.global_step),
         "train_loss": result.training_loss,
         "loss_by_stage": loss_by_stage(trainer.state.log_history, plan),
-        "rank_probe": {"layer": probe_name, **dataclasses.asdict(rank)},
+        "rank_probe": {"layer": probe_name, **(rank or {})},
     }
 
 

@@ -66,3 +66,39 @@ def test_cli_prints_the_library_or_says_what_to_install():
         assert proc.returncode == 1 and "pip install -e '.[demo]'" in proc.stderr
     else:
         assert proc.returncode == 0 and proc.stdout.strip() == mimalloc_library()
+
+
+@pytest.mark.slow
+def test_memory_estimate_agrees_with_the_measured_cpu_peak():
+    """PLoRA r 8 on a tiny LLaMA, fp32 on the CPU, 8 x 512 random tokens, an unload inside the measured steps."""
+    from bench.memory import Run, estimate, load_config, measure
+
+    run = Run(config=load_config("tiny-llama"), finetune_mode="plora", lora_r=8, batch=8, length=512, gpus=1,
+              weights_dtype="fp32", compute="fp32", device="cpu")  # fmt: skip
+    measured, estimated = measure(run), sum(estimate(run, "single").values())
+    assert abs(estimated / measured - 1) < 0.2, (estimated, measured)
+
+
+def test_the_activation_table_is_what_calibration_measures():
+    from bench.memory import ACTIVATIONS, calibrate
+
+    assert calibrate("fp32", "fp32", "adapters") == pytest.approx(ACTIVATIONS[("fp32", "fp32", "adapters")])
+
+
+def test_memory_table_for_7b_has_every_strategy_and_the_batch_that_fits(capsys):
+    from bench.memory import main
+
+    assert main(["--model", "llama-7b", "--finetune_mode", "plora", "--lora_r", "8", "--gpus", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "| part (GiB per GPU) | ddp | zero2 | zero3 |" in out and "| largest batch on 80 GiB |" in out
+    for part in ("weights", "trainable + AdamW", "compensation", "activations", "head + loss", "workspace"):
+        assert f"| {part} |" in out
+    ddp = float(out.split("| weights | ")[1].split(" |")[0])
+    assert ddp == pytest.approx(6.74e9 * 2 / 2**30, rel=0.01)  # LLaMA-7B's 6.74B weights in bf16
+
+
+def test_memory_refuses_a_bad_value_in_one_line(capsys):
+    from bench.memory import main
+
+    assert main(["--model", "llama-7b", "--gpus", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "error: gpus=0: must be positive"

@@ -33,6 +33,17 @@ check_package() {
     command -v torchrun > /dev/null || fail "no torchrun on $(hostname): $fix"
 }
 
+# add_padding_free ARRAY: with PADDING_FREE=1, append the flags that pack each batch into one row
+# for flash-attention (batches keep their random order; only the padding goes)
+add_padding_free() {
+    local -n into="$1"
+    case "${PADDING_FREE:-0}" in
+        0) ;;
+        1) into+=(--padding_free True --attn_implementation flash_attention_2) ;;
+        *) fail "PADDING_FREE=$PADDING_FREE: expected 0 or 1" ;;
+    esac
+}
+
 run() {
     echo "+ $*"
     if [ "$DRY_RUN" = 1 ]; then return 0; fi

@@ -16,6 +16,7 @@ LAUNCHER="${LAUNCHER:-torchrun}"      # torchrun or deepspeed
 DEEPSPEED="${DEEPSPEED:-}"            # a ZeRO config; empty: plain DDP (torchrun only)
 REPORT_TO="${REPORT_TO:-${WANDB_API_KEY:+wandb}}"  # wandb: log to Weights & Biases (default with an API key)
 RESUME="${RESUME:-}"                  # auto: the latest complete checkpoint if there is one, else a fresh start; or a path
+PADDING_FREE="${PADDING_FREE:-0}"     # 1: one row per batch with flash-attention 2 (no padding)
 
 check_config "$CONFIG"
 ACCUMULATION="$(accumulation "$NPROC")"
@@ -30,5 +31,6 @@ FLAGS=()
 if [ -n "$DEEPSPEED" ]; then FLAGS+=(--deepspeed "$DEEPSPEED"); fi
 if [ -n "$RESUME" ]; then FLAGS+=(--resume_from_checkpoint "$RESUME"); fi
 if [ -n "$REPORT_TO" ]; then FLAGS+=(--report_to "$REPORT_TO"); fi
+add_padding_free FLAGS
 run "${START[@]}" fastchat_plora.train_plora --config "$CONFIG" --output_dir "$OUTPUT_DIR" \
     --per_device_train_batch_size "$PER_DEVICE" --gradient_accumulation_steps "$ACCUMULATION" "${FLAGS[@]}" "$@"

@@ -3,9 +3,13 @@
 # a few minutes on a laptop CPU. GSM8K comes from ../shared/data when that mirror exists, else
 # from DATA_DIR, else from the dataset hub (openai/gsm8k).
 set -euo pipefail
-# On Linux, mimalloc: it holds far less CPU memory than glibc's malloc under training (docs/performance.md);
-# PLORA_ALLOCATOR=system runs on the system's malloc instead. The demo extra (gguf, mimalloc) comes with env.sh.
-if [ "$(uname -s)" = Linux ]; then export PLORA_ALLOCATOR="${PLORA_ALLOCATOR:-mimalloc}"; fi
+# On a Linux machine without an NVIDIA GPU, mimalloc: it holds far less CPU memory than glibc's malloc under
+# training on the CPU (docs/performance.md); PLORA_ALLOCATOR=system runs on the system's malloc instead. On a GPU
+# the activations are the CUDA allocator's, and nothing is preloaded. The demo extra (gguf, mimalloc) comes with
+# env.sh.
+if [ "$(uname -s)" = Linux ] && ! nvidia-smi -L > /dev/null 2>&1; then
+    export PLORA_ALLOCATOR="${PLORA_ALLOCATOR:-mimalloc}"
+fi
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 
 OUTPUT_DIR="${OUTPUT_DIR:-$REPO/runs/demo}"

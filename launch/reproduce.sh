@@ -22,6 +22,7 @@ CONFIGS="${CONFIGS:-}"                  # train these configs only (names, e.g. 
 NPROC="${NPROC:-8}"                     # paper scale: GPUs on this node
 GLOBAL_BATCH="${GLOBAL_BATCH:-24}"      # paper scale: per-device batch x accumulation x NPROC
 DEEPSPEED="${DEEPSPEED:-}"              # paper scale: e.g. configs/ds/zero3.json (full fine-tuning of 7B needs ZeRO)
+PADDING_FREE="${PADDING_FREE:-0}"       # paper scale: 1 packs each batch into one row for flash-attention 2
 DATA_DIR="${DATA_DIR:-}"                # the test sets: a folder, or hub (default: ../shared/data small, hub paper)
 DRY_RUN="${DRY_RUN:-0}"
 TRAIN_ARGS="${TRAIN_ARGS:-}"            # extra flags for every training run, e.g. "--logging_steps 10"
@@ -116,6 +117,7 @@ set_scale() {
         accumulation_steps="$(accumulation "$NPROC")"
         SCALE_FLAGS=(--per_device_train_batch_size "$PER_DEVICE" --gradient_accumulation_steps "$accumulation_steps")
         if [ -n "$DEEPSPEED" ]; then SCALE_FLAGS+=(--deepspeed "$DEEPSPEED"); fi
+        add_padding_free SCALE_FLAGS
     fi
     DATA_FLAGS=()
     if [ -n "$DATA_DIR" ]; then DATA_FLAGS=(--data_dir "$DATA_DIR"); fi

@@ -64,6 +64,14 @@ def test_node_sh_resumes_when_asked_and_logs_to_wandb_with_a_key():
     assert "--resume_from_checkpoint" not in commands(dry_run("node.sh"))[0]
 
 
+@pytest.mark.parametrize("script", ["node.sh", "slurm.sbatch", "reproduce.sh"])
+def test_padding_free_packs_batches_for_flash_attention_in_every_launcher(script):
+    args = ("table1", "paper") if script == "reproduce.sh" else ()
+    trained = [c for c in commands(dry_run(script, *args, PADDING_FREE="1")) if "train_plora" in c]
+    assert trained and all("--padding_free True --attn_implementation flash_attention_2" in c for c in trained)
+    assert not any("--padding_free" in c for c in commands(dry_run(script, *args)))
+
+
 def test_fewer_gpus_keep_the_global_batch_through_accumulation():
     [command] = commands(dry_run("node.sh", NPROC="2", DEEPSPEED="configs/ds/zero3.json"))
     assert "--gradient_accumulation_steps 4" in command and "--deepspeed configs/ds/zero3.json" in command
@@ -76,6 +84,7 @@ def test_fewer_gpus_keep_the_global_batch_through_accumulation():
         ({"CONFIG": "configs/nope.yaml"}, "nope.yaml"),
         ({"DEEPSPEED": "configs/ds/none.json"}, "none.json"),
         ({"LAUNCHER": "mpirun"}, "LAUNCHER=mpirun"),
+        ({"PADDING_FREE": "yes"}, "PADDING_FREE=yes: expected 0 or 1"),
     ],
 )
 def test_bad_knobs_stop_with_a_clear_error(env, message):

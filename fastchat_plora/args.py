@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -285,12 +286,17 @@ def parse_args(argv: list[str] | None = None) -> tuple:
     argv = list(sys.argv[1:] if argv is None else argv)
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None)
+    pre.add_argument("--deepspeed", default=None)
     known, rest = pre.parse_known_args(argv)
     parser = HfArgumentParser(ARG_CLASSES)
     parser.add_argument("--config", default=None, help="YAML file whose keys are these flag names.")
+    config = load_config(known.config) if known.config else {}
     if known.config:
         # the W&B run (and any other tracker) is named after the config and the seed unless told otherwise
-        parser.set_defaults(run_name=Path(known.config).stem, **load_config(known.config))
+        parser.set_defaults(run_name=Path(known.config).stem, **config)
+    deepspeed = known.deepspeed or config.get("deepspeed")
+    if deepspeed and importlib.util.find_spec("deepspeed") is None:  # else TrainingArguments' traceback
+        raise ConfigError(f"deepspeed={deepspeed} needs the deepspeed package: pip install -e '.[gpu]'")
     parsed = parser.parse_args_into_dataclasses(args=rest)[: len(ARG_CLASSES)]
     training = parsed[-1]
     if known.config and training.run_name == Path(known.config).stem:
@@ -303,14 +309,18 @@ def parse_args(argv: list[str] | None = None) -> tuple:
     return tuple(parsed)
 
 
-def validate(model_args, data_args, lora_args, plora_args, training_args) -> None:
-    """Check every argument that can be checked before loading anything; raise ConfigError."""
+def validate(model_args, data_args, lora_args, plora_args, training_args, elsewhere: bool = False) -> None:
+    """Check every argument that can be checked before loading anything; raise ConfigError.
+
+    elsewhere: the run will start on another machine (a login node checking a GPU job), so what depends
+    on this machine's GPU is not checked.
+    """
     mode = plora_args.finetune_mode
     if mode not in FINETUNE_MODES:
         raise ConfigError(f"finetune_mode={mode!r}: expected one of {FINETUNE_MODES}")
     if model_args.model_dtype not in DTYPES:
         raise ConfigError(f"model_dtype={model_args.model_dtype!r}: expected one of {tuple(DTYPES)}")
-    check_attention(model_args, training_args)
+    check_attention(model_args, training_args, elsewhere)
     if mode == "full" and model_args.model_dtype != "float32" and not training_args.deepspeed:
         raise ConfigError(
             f"finetune_mode=full with model_dtype={model_args.model_dtype}: AdamW would update those weights "
@@ -374,15 +384,17 @@ def validate(model_args, data_args, lora_args, plora_args, training_args) -> Non
         raise ConfigError("output_dir is required")
 
 
-def check_attention(model_args, training_args) -> None:
-    """An attention transformers knows; flash-attention only where it is installed, on bf16/fp16 compute."""
+def check_attention(model_args, training_args, elsewhere: bool = False) -> None:
+    """An attention transformers knows; flash-attention only where it is installed (and, unless the run
+    starts elsewhere, a CUDA GPU is here), on bf16/fp16 compute."""
     attention = model_args.attn_implementation
     if not known_attention(attention):
         raise ConfigError(
             f"attn_implementation={attention!r}: transformers has no such attention; expected auto, eager, sdpa, "
             "flash_attention_2, flash_attention_3, flex_attention or a hub kernel (org/name)"
         )
-    if attention == "flash_attention_2" and not flash_attention_available():
+    installed = importlib.util.find_spec("flash_attn") is not None if elsewhere else flash_attention_available()
+    if attention == "flash_attention_2" and not installed:
         raise ConfigError(
             "attn_implementation=flash_attention_2 needs flash-attn on a CUDA GPU "
             "(pip install flash-attn --no-build-isolation, docs/clusters.md); use auto or sdpa"

@@ -5,22 +5,37 @@
 PYTHON="${PYTHON:-python}"
 DRY_RUN="${DRY_RUN:-0}"
 GLOBAL_BATCH="${GLOBAL_BATCH:-24}"   # the paper's: 8 GPUs x 3
-PER_DEVICE="${PER_DEVICE:-3}"
+PER_DEVICE="${PER_DEVICE:-}"         # per-GPU batch; empty: the largest of 3, 2, 1 that keeps GLOBAL_BATCH
 
 fail() { echo "error: $*" >&2; exit 2; }
 
-# accumulation WORLD_SIZE: the gradient accumulation that keeps GLOBAL_BATCH at this world size
-accumulation() {
-    local world="$1"
-    (( GLOBAL_BATCH % (world * PER_DEVICE) == 0 )) \
-        || fail "GLOBAL_BATCH=$GLOBAL_BATCH is not a multiple of $world processes x PER_DEVICE=$PER_DEVICE"
-    echo $(( GLOBAL_BATCH / (world * PER_DEVICE) ))
+# fit_batch WORLD_SIZE: sets PER_DEVICE (unless given) and ACCUMULATION so that
+# PER_DEVICE x ACCUMULATION x WORLD_SIZE = GLOBAL_BATCH, or fails naming the process counts that can
+fit_batch() {
+    local world="$1" size counts=()
+    if [ -n "$PER_DEVICE" ]; then
+        (( GLOBAL_BATCH % (world * PER_DEVICE) == 0 )) || fail "GLOBAL_BATCH=$GLOBAL_BATCH is not a multiple of" \
+            "$world processes x PER_DEVICE=$PER_DEVICE: leave PER_DEVICE unset to have it chosen, or set GLOBAL_BATCH"
+    else
+        for size in 3 2 1; do
+            if (( GLOBAL_BATCH % (world * size) == 0 )); then PER_DEVICE="$size"; break; fi
+        done
+        for (( size = 1; size <= GLOBAL_BATCH; size++ )); do
+            if (( GLOBAL_BATCH % size == 0 )); then counts+=("$size"); fi
+        done
+        [ -n "$PER_DEVICE" ] || fail "GLOBAL_BATCH=$GLOBAL_BATCH does not split over $world processes: run on a" \
+            "process count that divides it (${counts[*]}), or set GLOBAL_BATCH (docs/clusters.md)"
+    fi
+    ACCUMULATION=$(( GLOBAL_BATCH / (world * PER_DEVICE) ))
 }
 
-# check_config CONFIG: every key known and every value valid, before any GPU is touched
+# check_config CONFIG [TRAINING FLAGS]: with those flags, every key known and every value valid, the data
+# files there, the model in HF_HOME when offline (fastchat_plora/preflight.py), before any GPU is touched
 check_config() {
-    [ -f "$1" ] || fail "config not found: $1"
-    "$PYTHON" -m fastchat_plora.args "$1"
+    local config="$1"
+    shift
+    [ -f "$config" ] || fail "config not found: $config"
+    "$PYTHON" -m fastchat_plora.preflight "$config" -- "$@"
     if [ -n "${DEEPSPEED:-}" ] && [ ! -f "$DEEPSPEED" ]; then fail "DeepSpeed config not found: $DEEPSPEED"; fi
 }
 

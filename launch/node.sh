@@ -18,8 +18,8 @@ REPORT_TO="${REPORT_TO:-${WANDB_API_KEY:+wandb}}"  # wandb: log to Weights & Bia
 RESUME="${RESUME:-}"                  # auto: the latest complete checkpoint if there is one, else a fresh start; or a path
 PADDING_FREE="${PADDING_FREE:-0}"     # 1: one row per batch with flash-attention 2 (no padding)
 
-check_config "$CONFIG"
-ACCUMULATION="$(accumulation "$NPROC")"
+check_config "$CONFIG" "$@"
+fit_batch "$NPROC"
 case "$LAUNCHER" in
     torchrun) START=(torchrun --nproc_per_node "$NPROC" --master_port "$MASTER_PORT" -m) ;;
     deepspeed)

@@ -35,7 +35,7 @@ main() {
     source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
     cd "$REPO"
     PYTHON="$PY"
-    source launch/common.sh  # fail, run (DRY_RUN), accumulation
+    source launch/common.sh  # fail, run (DRY_RUN), fit_batch
     case "$scale" in small | paper) ;; *) fail "scale '$scale': expected small or paper" ;; esac
     shopt -s nullglob
     local configs=(configs/"$scale"/"$experiment"_*.yaml)
@@ -50,7 +50,9 @@ main() {
         configs=("${chosen[@]}")
     fi
     set_scale "$scale"
-    "$PY" -m fastchat_plora.args "${configs[@]}"  # every config checked before any run starts
+    # every config, its data and (offline) its model checked before any run starts
+    # shellcheck disable=SC2086  # TRAIN_ARGS is a list of flags
+    "$PY" -m fastchat_plora.preflight "${configs[@]}" -- "${SCALE_FLAGS[@]}" $TRAIN_ARGS
     if [ "$experiment" != figure2 ]; then  # and the test sets, before hours of training
         run "$PY" -m eval.run_eval --check_data --tasks "$TASKS" "${DATA_FLAGS[@]}"
     fi
@@ -113,9 +115,8 @@ set_scale() {
         SWEEP_FLAGS=()
         SWEEP_METRIC=gsm8k SWEEP_WINDOW=10 LOSS_SMOOTH=150  # the paper's windows: 10 checkpoints, 150 steps
         DATA_DIR="${DATA_DIR:-hub}"  # a cluster has no ../shared/data
-        local accumulation_steps
-        accumulation_steps="$(accumulation "$NPROC")"
-        SCALE_FLAGS=(--per_device_train_batch_size "$PER_DEVICE" --gradient_accumulation_steps "$accumulation_steps")
+        fit_batch "$NPROC"
+        SCALE_FLAGS=(--per_device_train_batch_size "$PER_DEVICE" --gradient_accumulation_steps "$ACCUMULATION")
         if [ -n "$DEEPSPEED" ]; then SCALE_FLAGS+=(--deepspeed "$DEEPSPEED"); fi
         add_padding_free SCALE_FLAGS
     fi

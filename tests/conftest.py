@@ -86,6 +86,21 @@ def write_conversations(path: Path, n: int = 32) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def shipped_data():
+    """The data files the shipped configs name (the launch scripts check them), written small where this
+    checkout has none, and removed after."""
+    made = []
+    for relative in ("data/mix/mix.jsonl", "data/gsm8k_train.jsonl"):
+        path = REPO / relative
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            made.append(write_conversations(path, 8))
+    yield
+    for path in made:
+        path.unlink()
+
+
 @pytest.fixture
 def conversations_file(tmp_path) -> Path:
     return write_conversations(tmp_path / "conversations.jsonl")

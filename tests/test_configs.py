@@ -127,3 +127,19 @@ def test_a_value_of_the_wrong_type_names_the_key(tmp_path, line, message):
     config.write_text(line + "\n")
     with pytest.raises(ConfigError, match=message):
         load_config(config)
+
+
+@pytest.mark.parametrize("where", ["config", "flag"])
+def test_a_deepspeed_config_without_deepspeed_installed_is_one_line(where, tmp_path, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else find_spec(name, *a)
+    )
+    zero3 = str(REPO / "configs" / "ds" / "zero3.json")
+    config = tmp_path / "c.yaml"
+    config.write_text(f"deepspeed: {zero3}\n" if where == "config" else "lora_r: 2\n")
+    flags = ["--deepspeed", zero3] if where == "flag" else []
+    with pytest.raises(ConfigError, match=r"deepspeed=.*zero3.json needs the deepspeed package: pip install"):
+        parse_args(["--config", str(config), "--output_dir", str(tmp_path / "out"), *flags])

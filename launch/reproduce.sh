@@ -70,7 +70,7 @@ main() {
     for dir in "${runs[@]}"; do evals+=("$dir/eval/results.json"); done
     case "$experiment" in
         table1)
-            evaluate "$BASE_MODEL" "$RUNS_DIR/$scale/base/eval"
+            evaluate "$BASE_MODEL" "$RUNS_DIR/$scale/base/eval" $(base_format "${configs[0]}")
             for dir in "${runs[@]}"; do evaluate "$dir" "$dir/eval"; rank "$dir"; done
             run "$PY" -m eval.tables --table 1 --output_dir "$out" \
                 --results "$RUNS_DIR/$scale/base/eval/results.json" "${evals[@]}"
@@ -78,7 +78,7 @@ main() {
                 --ranks "${runs[@]/%//rank/rank.json}" ;;
         capacity)  # the GSM8K held-out loss of 200 test answers: the experiment's one measure
             EVAL_FLAGS=(--tasks gsm8k_loss --limit 200)
-            evaluate "$BASE_MODEL" "$RUNS_DIR/$scale/capacity_base/eval"
+            evaluate "$BASE_MODEL" "$RUNS_DIR/$scale/capacity_base/eval" $(base_format "${configs[0]}")
             for dir in "${runs[@]}"; do evaluate "$dir" "$dir/eval"; rank "$dir"; done
             run "$PY" -m eval.tables --table capacity --output_dir "$out" \
                 --results "$RUNS_DIR/$scale/capacity_base/eval/results.json" "${evals[@]}" ;;
@@ -139,9 +139,14 @@ train() {  # config, run dir, seed
         "${SCALE_FLAGS[@]}" "${resume[@]}" "${report[@]}" $TRAIN_ARGS
 }
 
-evaluate() {  # model, output dir
+evaluate() {  # model, output dir, extra flags
     if [ -f "$2/results.json" ]; then echo "= $2: evaluated"; return; fi
-    run "$PY" -m eval.run_eval --model_path "$1" "${EVAL_FLAGS[@]}" "${DATA_FLAGS[@]}" --output_dir "$2"
+    run "$PY" -m eval.run_eval --model_path "$1" "${EVAL_FLAGS[@]}" "${DATA_FLAGS[@]}" --output_dir "$2" "${@:3}"
+}
+
+base_format() {  # config: the base model is evaluated in the prompt format its runs trained in
+    "$PY" -c 'import sys; from fastchat_plora.args import load_config
+t = load_config(sys.argv[1]).get("conv_template"); print(f"--conv_template {t}" if t else "")' "$1"
 }
 
 sweep() {  # run dir, metrics (gsm8k, gsm8k_loss, mmlu)

@@ -76,6 +76,13 @@ def test_padding_free_packs_batches_for_flash_attention_in_every_launcher(script
     assert not any("--padding_free" in c for c in commands(dry_run(script, *args)))
 
 
+@pytest.mark.parametrize("scale, template", [("paper", "vicuna_v1.1"), ("small", None)])
+def test_the_base_model_is_evaluated_in_its_runs_prompt_format(scale, template, tmp_path):
+    proc = dry_run("reproduce.sh", "table1", scale, RUNS_DIR=str(tmp_path))
+    [base] = [c for c in commands(proc) if "run_eval" in c and "/base/eval" in c]
+    assert (f"--conv_template {template}" in base) if template else ("--conv_template" not in base)
+
+
 def test_fewer_gpus_keep_the_global_batch_through_accumulation():
     [command] = commands(dry_run("node.sh", NPROC="2", DEEPSPEED="configs/ds/zero3.json"))
     assert "--gradient_accumulation_steps 4" in command and "--deepspeed configs/ds/zero3.json" in command

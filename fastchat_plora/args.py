@@ -422,22 +422,30 @@ def check_eval(data_args, training_args) -> None:
         )
 
 
-def check_configs(paths: list[str]) -> None:
-    """Parse and validate configs as a run would, without loading anything; raise ConfigError.
+def check_configs(paths: list[str], flags: list[str] = ()) -> list[tuple]:
+    """Parse and validate configs as a run would, each with `flags` after it, without loading anything;
+    return each one's argument dataclasses; raise ConfigError.
 
-    Used by the launch scripts before they start a job. On a machine without a GPU the check adds
-    --use_cpu, since TrainingArguments refuses a GPU config's bf16 there.
+    Used by the launch scripts before they start a job. Without a GPU here (a login node) the job is
+    checked as one that starts elsewhere: --use_cpu is added, since TrainingArguments refuses a GPU
+    config's bf16 there, and flash-attn need only be installed.
     """
     import os
     import tempfile
 
     import torch
 
-    device_flags = [] if torch.cuda.is_available() else ["--use_cpu", "True"]
+    here = torch.cuda.is_available()
+    device_flags = [] if here else ["--use_cpu", "True"]
+    checked = []
     for path in paths:
+        if not Path(path).is_file():
+            raise ConfigError(f"config not found: {path}")
         with tempfile.TemporaryDirectory() as scratch:
-            flags = ["--config", path, "--output_dir", os.path.join(scratch, "run"), *device_flags]
-            validate(*parse_args(flags))
+            args = parse_args(["--config", path, "--output_dir", os.path.join(scratch, "run"), *device_flags, *flags])
+        validate(*args, elsewhere=not here)
+        checked.append(args)
+    return checked
 
 
 if __name__ == "__main__":

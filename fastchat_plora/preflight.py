@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 from pathlib import Path
 
-from fastchat_plora.args import ConfigError, parse_args, validate
+from fastchat_plora.args import ConfigError, check_configs
 from fastchat_plora.sources import HUB_PREFIX, Source
 
 MIX_COMMAND = "python -m data_prep.build_mix --output_dir data/mix"
@@ -51,22 +50,8 @@ def check_model(model_args) -> None:
 
 
 def preflight(configs: list[str], flags: list[str]) -> None:
-    """Check each config as its job would run it, with `flags` after it; raise ConfigError.
-
-    Without a GPU here (a login node), the job is checked as one that starts elsewhere: TrainingArguments
-    gets --use_cpu (it refuses bf16 without a GPU) and flash-attn need only be installed.
-    """
-    import torch
-
-    here = torch.cuda.is_available()
-    device_flags = [] if here else ["--use_cpu", "True"]
-    for config in configs:
-        if not Path(config).is_file():
-            raise ConfigError(f"config not found: {config}")
-        with tempfile.TemporaryDirectory() as scratch:
-            args = parse_args(["--config", config, "--output_dir", os.path.join(scratch, "run"), *device_flags, *flags])
-        model_args, data_args = args[0], args[1]
-        validate(*args, elsewhere=not here)
+    """Check each config as its job would run it, with `flags` after it; raise ConfigError."""
+    for model_args, data_args, *_ in check_configs(configs, flags):
         check_data(data_args)
         check_model(model_args)
 

@@ -287,17 +287,19 @@ def parse_args(argv: list[str] | None = None) -> tuple:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None)
     pre.add_argument("--deepspeed", default=None)
-    known, rest = pre.parse_known_args(argv)
+    known, _ = pre.parse_known_args(argv)
     parser = HfArgumentParser(ARG_CLASSES)
     parser.add_argument("--config", default=None, help="YAML file whose keys are these flag names.")
     config = load_config(known.config) if known.config else {}
     if known.config:
         # the W&B run (and any other tracker) is named after the config and the seed unless told otherwise
         parser.set_defaults(run_name=Path(known.config).stem, **config)
-    deepspeed = known.deepspeed or config.get("deepspeed")
+    deepspeed = config.get("deepspeed") if known.deepspeed is None else known.deepspeed  # "" turns it off
     if deepspeed and importlib.util.find_spec("deepspeed") is None:  # else TrainingArguments' traceback
         raise ConfigError(f"deepspeed={deepspeed} needs the deepspeed package: pip install -e '.[gpu]'")
-    parsed = parser.parse_args_into_dataclasses(args=rest)[: len(ARG_CLASSES)]
+    if isinstance(deepspeed, str) and deepspeed and not Path(deepspeed).is_file():  # else accelerate's traceback
+        raise ConfigError(f"deepspeed={deepspeed}: no such config file")
+    parsed = parser.parse_args_into_dataclasses(args=argv)[: len(ARG_CLASSES)]
     training = parsed[-1]
     if known.config and training.run_name == Path(known.config).stem:
         training.run_name = f"{training.run_name}-seed{training.seed}"

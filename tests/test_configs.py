@@ -143,3 +143,28 @@ def test_a_deepspeed_config_without_deepspeed_installed_is_one_line(where, tmp_p
     flags = ["--deepspeed", zero3] if where == "flag" else []
     with pytest.raises(ConfigError, match=r"deepspeed=.*zero3.json needs the deepspeed package: pip install"):
         parse_args(["--config", str(config), "--output_dir", str(tmp_path / "out"), *flags])
+
+
+@pytest.mark.parametrize(
+    "in_config, flags, expected",
+    [
+        (None, ["--deepspeed", "ZERO2"], "ZERO2"),  # the flag reaches TrainingArguments
+        ("ZERO3", ["--deepspeed", "ZERO2"], "ZERO2"),  # and overrides the config
+        ("ZERO3", ["--deepspeed", ""], ""),  # an empty flag turns the config's DeepSpeed off
+        ("ZERO3", [], "ZERO3"),
+    ],
+)
+def test_deepspeed_from_config_and_flag(tmp_path, in_config, flags, expected):
+    pytest.importorskip("deepspeed")
+    paths = {name: str(REPO / "configs" / "ds" / f"{name.lower()}.json") for name in ("ZERO2", "ZERO3")}
+    config = tmp_path / "c.yaml"
+    config.write_text(f"deepspeed: {paths[in_config]}\n" if in_config else "lora_r: 2\n")
+    flags = [paths.get(f, f) for f in flags]
+    args = parse_args(["--config", str(config), "--output_dir", str(tmp_path / "out"), "--use_cpu", "True", *flags])
+    assert args[-1].deepspeed == paths.get(expected, expected)
+
+
+def test_a_missing_deepspeed_config_is_one_line(tmp_path):
+    pytest.importorskip("deepspeed")
+    with pytest.raises(ConfigError, match=r"^deepspeed=missing.json: no such config file$"):
+        parse_args(["--output_dir", str(tmp_path / "out"), "--deepspeed", "missing.json"])

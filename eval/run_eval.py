@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from eval import hub_data
-from eval.loading import ModelPathError, load_for_eval, load_tokenizer_for_eval
+from eval.loading import EVAL_DTYPES, ModelPathError, eval_dtype, load_for_eval, load_tokenizer_for_eval
 from eval.prompts import PromptFormat, PromptFormatError, harness_lm
 from eval.tasks.utils import extract_flexible, extract_strict, gsm8k_gold
 
@@ -253,7 +253,9 @@ def evaluate(args: argparse.Namespace) -> dict:
     wants_loss = "gsm8k" in tasks or LOSS_TASK in tasks
     # the prompt format is settled before the model loads: a model without one fails at once
     prompt_format = PromptFormat(load_tokenizer_for_eval(args.model_path), args.conv_template, str(args.model_path))
-    model = load_for_eval(args.model_path, args.device)
+    dtype = eval_dtype(args.dtype, args.device)
+    model = load_for_eval(args.model_path, args.device, dtype)
+    logger.info("evaluating %s in %s on %s", args.model_path, str(dtype).removeprefix("torch."), args.device)
 
     start = time.perf_counter()
     raw, metrics = {"samples": {}}, {}
@@ -269,6 +271,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         "mmlu_limit": args.mmlu_limit,
         "conv_template": args.conv_template,
         "choice_format": args.choice_format,
+        "dtype": str(dtype).removeprefix("torch."),
         "data_dir": str(data_dir),
         "metrics": metrics,
         "seconds": round(time.perf_counter() - start, 1),
@@ -368,6 +371,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         help="auto: log the metrics to the W&B run that trained the model, when there was one",
     )  # fmt: skip
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--dtype", choices=("auto", *EVAL_DTYPES), default="auto",
+        help="the weights' dtype: auto is bfloat16 on a CUDA GPU that has it, float32 elsewhere",
+    )  # fmt: skip
     return parser.parse_args(argv)
 
 

@@ -13,7 +13,7 @@ import torch
 from lm_eval.api.model import LM
 
 from eval import run_eval
-from eval.loading import load_for_eval
+from eval.loading import eval_dtype, load_for_eval
 from eval.tasks.utils import extract_flexible, extract_strict, gsm8k_gold
 from fastchat_plora.train_plora import cli
 from tests.conftest import SHARED_DATA, tiny_run, write_conversations
@@ -148,6 +148,34 @@ def test_real_model_writes_result_files(tiny_model_dir, data_dir, tmp_path):
     assert len(gsm) == 2 and {"prompt", "output", "extracted_flexible", "gold", "correct"} <= set(gsm[0])
     assert "<|im_start|>user\nWhat is 2 plus 3?<|im_end|>" in gsm[0]["prompt"]  # the training chat format
     assert len((out / "samples_mmlu.jsonl").read_text().splitlines()) == 57
+
+
+def test_dtype_auto_is_float32_off_the_gpu_and_a_named_dtype_is_kept(monkeypatch):
+    assert eval_dtype("auto", "cpu") == torch.float32
+    assert eval_dtype("bfloat16", "cpu") == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert eval_dtype("auto", "cuda") == torch.bfloat16
+    assert eval_dtype("auto", "cuda:1") == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # pre-Ampere
+    assert eval_dtype("auto", "cuda") == torch.float32
+
+
+def test_the_model_is_evaluated_in_the_dtype_asked_for(tiny_model_dir, data_dir, tmp_path, monkeypatch):
+    loaded = {}
+
+    def spy(path, device, dtype):
+        loaded["model"] = model = load_for_eval(path, device, dtype)
+        return model
+
+    monkeypatch.setattr(run_eval, "load_for_eval", spy)
+    out = tmp_path / "eval"
+    code = run_eval.main(["--model_path", str(tiny_model_dir), "--data_dir", str(data_dir), "--output_dir", str(out),
+                          "--tasks", "gsm8k_loss", "--dtype", "bfloat16", "--wandb", "off"])  # fmt: skip
+    assert code == 0
+    assert {p.dtype for p in loaded["model"].parameters()} == {torch.bfloat16}
+    results = json.loads((out / "results.json").read_text())
+    assert results["dtype"] == "bfloat16" and results["metrics"]["gsm8k"]["heldout_loss"]["loss"] > 0
 
 
 def train_tiny_plora(model_dir: Path, tmp_path: Path, out: Path, *extra: str) -> None:

@@ -19,6 +19,7 @@ so a failed evaluation never overwrites finished results.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import logging
@@ -56,10 +57,13 @@ def load_task_yaml(path: Path) -> dict:
     return load(str(path))
 
 
+@functools.cache
 def mmlu_subjects() -> dict[str, str]:
-    from lm_eval.tasks.mmlu._generate_configs import SUBJECTS  # subject -> category, as the harness groups them
+    """MMLU's 57 subjects -> category (stem, humanities, social_sciences, other), as the harness groups them.
 
-    return SUBJECTS
+    Kept as a file here rather than imported from the harness, whose only copy is a private module.
+    """
+    return json.loads((TASKS_DIR / "mmlu_subjects.json").read_text())
 
 
 CHOICE_FORMATS = {  # how a multiple-choice answer (MMLU, ARC) is scored: the log-likelihood of ...

@@ -69,6 +69,19 @@ def data_dir(tmp_path_factory) -> Path:
     return d
 
 
+def test_mmlu_subjects_are_the_57_of_the_test_set_in_the_harness_categories():
+    subjects = run_eval.mmlu_subjects()
+    assert len(subjects) == 57 and set(subjects.values()) == set(run_eval.MMLU_CATEGORIES)
+    if SHARED_DATA.is_dir():
+        files = {p.name.removesuffix("_test.csv") for p in (SHARED_DATA / "mmlu" / "data" / "test").glob("*_test.csv")}
+        assert files == set(subjects)
+    try:  # the harness's private copy, where this release still has it
+        from lm_eval.tasks.mmlu._generate_configs import SUBJECTS
+    except ImportError:
+        return
+    assert subjects == SUBJECTS
+
+
 class StubLM(LM):
     """Answers from the gold data: correctly, or always wrongly."""
 

@@ -17,28 +17,21 @@ import os
 import socket
 from collections import defaultdict
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from transformers import TrainerCallback
 
 from fastchat_plora.rundir import WANDB_RUN_FILE
+from fastchat_plora.wandb_auth import has_api_key, wandb_server
 
 logger = logging.getLogger(__name__)
 DEFAULT_PROJECT = "fastchat-plora"
 IDENTITY_KEYS = ("WANDB_RUN_ID", "WANDB_RESUME", "WANDB_RUN_GROUP", "WANDB_TAGS")  # this training run's alone
 
 
-def has_api_key() -> bool:
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
-    return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="replace")
-
-
 def wandb_reachable(timeout: float = 3.0) -> bool:
     """Whether the W&B server (WANDB_BASE_URL, default api.wandb.ai) accepts a connection: a compute
     node may hold an API key and have no route out, where `wandb.init` would fail the job."""
-    url = urlsplit(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai")
+    url = wandb_server()
     port = url.port or (443 if url.scheme == "https" else 80)
     try:
         socket.create_connection((url.hostname, port), timeout=timeout).close()

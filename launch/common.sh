@@ -9,6 +9,10 @@ PER_DEVICE="${PER_DEVICE:-}"         # per-GPU batch; empty: the largest of 3, 2
 
 fail() { echo "error: $*" >&2; exit 2; }
 
+# REPORT_TO unless set: wandb where the wandb package and a W&B key are here (WANDB_API_KEY, or the
+# ~/.netrc entry `wandb login` writes), else nothing; REPORT_TO=none turns W&B off for a logged-in user
+if [ -z "${REPORT_TO:-}" ]; then REPORT_TO="$("$PYTHON" -m fastchat_plora.wandb_auth 2> /dev/null || true)"; fi
+
 # fit_batch WORLD_SIZE: sets PER_DEVICE (unless given) and ACCUMULATION so that
 # PER_DEVICE x ACCUMULATION x WORLD_SIZE = GLOBAL_BATCH, or fails naming the process counts that can
 fit_batch() {

@@ -14,7 +14,7 @@ NPROC="${NPROC:-8}"
 MASTER_PORT="${MASTER_PORT:-29500}"
 LAUNCHER="${LAUNCHER:-torchrun}"      # torchrun or deepspeed
 DEEPSPEED="${DEEPSPEED:-}"            # a ZeRO config; empty: plain DDP (torchrun only)
-REPORT_TO="${REPORT_TO:-${WANDB_API_KEY:+wandb}}"  # wandb: log to Weights & Biases (default with an API key)
+REPORT_TO="${REPORT_TO:-}"  # wandb or none; default: wandb when logged in to W&B (WANDB_API_KEY or wandb login)
 RESUME="${RESUME:-}"                  # auto: the latest complete checkpoint if there is one, else a fresh start; or a path
 PADDING_FREE="${PADDING_FREE:-0}"     # 1: one row per batch with flash-attention 2 (no padding)
 

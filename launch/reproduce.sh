@@ -27,7 +27,7 @@ DATA_DIR="${DATA_DIR:-}"                # the test sets: a folder, or hub (defau
 DRY_RUN="${DRY_RUN:-0}"
 TRAIN_ARGS="${TRAIN_ARGS:-}"            # extra flags for every training run, e.g. "--logging_steps 10"
 EVAL_TASKS="${EVAL_TASKS:-}"            # evaluate on these tasks only, e.g. gsm8k_loss (default: all of the scale's)
-REPORT_TO="${REPORT_TO:-${WANDB_API_KEY:+wandb}}"  # wandb: every run logs to W&B (default with an API key)
+REPORT_TO="${REPORT_TO:-}"  # wandb or none; default: wandb when logged in to W&B (WANDB_API_KEY or wandb login)
 
 main() {
     local experiment="${1:?usage: bash launch/reproduce.sh EXPERIMENT [small|paper]}"

@@ -16,7 +16,9 @@ EXPERIMENTS = ("table1", "table2", "table3", "figure2", "figure3", "figure4")
 
 def dry_run(script: str, *args: str, **env: str) -> subprocess.CompletedProcess:
     path = f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"  # the environment's torchrun, as a user has it
-    full_env = {**os.environ, "DRY_RUN": "1", "PYTHON": sys.executable, "PYTHONPATH": str(REPO), "PATH": path, **env}
+    logged_out = {"WANDB_API_KEY": "", "NETRC": os.devnull}  # a developer's own W&B login changes no command
+    full_env = {**os.environ, **logged_out, "DRY_RUN": "1", "PYTHON": sys.executable, "PYTHONPATH": str(REPO),
+                "PATH": path, **env}  # fmt: skip
     return subprocess.run(["bash", f"launch/{script}", *args], cwd=REPO, env=full_env, capture_output=True, text=True)
 
 
@@ -63,6 +65,25 @@ def test_node_sh_resumes_when_asked_and_logs_to_wandb_with_a_key():
     [command] = commands(dry_run("node.sh", RESUME="auto", WANDB_API_KEY="k" * 40))
     assert command.endswith("--resume_from_checkpoint auto --report_to wandb")
     assert "--resume_from_checkpoint" not in commands(dry_run("node.sh"))[0]
+
+
+@pytest.mark.parametrize("script", ["node.sh", "slurm.sbatch", "reproduce.sh"])
+def test_a_wandb_login_in_netrc_turns_wandb_on_and_report_to_none_turns_it_off(script, tmp_path):
+    netrc = tmp_path / "netrc"
+    netrc.write_text(f"machine api.wandb.ai\n  login user\n  password {'k' * 40}\n")  # what `wandb login` writes
+    args = ("table1", "small") if script == "reproduce.sh" else ()
+
+    def trained(**env) -> list[str]:
+        return [c for c in commands(dry_run(script, *args, **env)) if "fastchat_plora.train_plora" in c]
+
+    def every(commands: list[str], check) -> bool:
+        return bool(commands) and all(check(c) for c in commands)
+
+    assert every(trained(NETRC=str(netrc)), lambda c: "--report_to wandb" in c)
+    assert every(trained(NETRC=str(netrc), REPORT_TO="none"), lambda c: "--report_to none" in c)
+    assert every(trained(), lambda c: "--report_to" not in c)  # logged out: nothing, never a login prompt
+    other_server = trained(NETRC=str(netrc), WANDB_BASE_URL="https://wandb.example.org")
+    assert every(other_server, lambda c: "--report_to" not in c)  # the key is for another server
 
 
 @pytest.mark.parametrize("script", ["node.sh", "slurm.sbatch", "reproduce.sh"])

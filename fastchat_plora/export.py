@@ -11,13 +11,15 @@ scaling for the final merge). Training writes each merge's factors (c_t B_t, A_t
 the stacked factors are one LoRA adapter of rank R = sum_t r_t with scaling 1 (alpha = r = R):
 base + this adapter computes what the trained model computes, and any LoRA-serving stack can
 load it. `--max_rank K` compresses each layer's update to its best rank-K approximation (by SVD)
-and reports the relative error it costs.
+and reports the relative error it costs. `--push_to_hub ORG/NAME` uploads the adapter to the model hub
+(a token from `hf auth login` or HF_TOKEN).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import sys
 from dataclasses import dataclass
@@ -29,6 +31,8 @@ from safetensors.torch import save_file
 
 from fastchat_plora.models import resolve_model_path
 from fastchat_plora.rundir import PEFT_PREFIX, RunDir, RunDirError
+
+logger = logging.getLogger(__name__)
 
 
 class ExportError(ValueError):
@@ -139,17 +143,43 @@ def export_adapter(run_dir: Path, output_dir: Path, max_rank: int | None = None,
     return report
 
 
+def check_repo_id(repo_id: str) -> None:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise ExportError(f"push_to_hub={repo_id!r}: not a hub repository id (ORG/NAME)") from None
+    if "/" not in repo_id:
+        raise ExportError(f"push_to_hub={repo_id!r}: name the owner too (ORG/NAME or USER/NAME)")
+
+
+def push_to_hub(output_dir: Path, repo_id: str, private: bool, report: dict) -> str:
+    """Upload the exported adapter folder to a hub model repository (created if missing); its URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+    message = f"PLoRA adapter: rank {report['rank']} over {report['stages']} stages, base {report['base_model']}"
+    commit = api.upload_folder(repo_id=repo_id, folder_path=str(output_dir), commit_message=message)
+    return getattr(commit, "commit_url", f"https://huggingface.co/{repo_id}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run_dir", required=True, help="a finished LoRA or PLoRA run (with its stages/ folder)")
     parser.add_argument("--output_dir", required=True, help="where the PEFT adapter is written")
     parser.add_argument("--max_rank", type=int, default=None, help="compress each layer to this rank by SVD")
     parser.add_argument("--base_model", default=None, help="base model recorded in the adapter (default: the run's)")
+    parser.add_argument("--push_to_hub", default=None, metavar="ORG/NAME", help="upload the adapter to this hub repo")
+    parser.add_argument("--private", action="store_true", help="with --push_to_hub: create the repo private")
     args = parser.parse_args(argv)
     if args.max_rank is not None and args.max_rank <= 0:
         print(f"error: max_rank={args.max_rank}: must be positive", file=sys.stderr)
         return 2
     try:
+        if args.push_to_hub:
+            check_repo_id(args.push_to_hub)  # before any work
         report = export_adapter(Path(args.run_dir), Path(args.output_dir), args.max_rank, args.base_model)
     except (ExportError, RunDirError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -162,6 +192,17 @@ def main(argv: list[str] | None = None) -> int:
             f"mean {c['mean_relative_error']:.3g}"
         )
     print(f"{line} to {args.output_dir}")
+    if args.push_to_hub:
+        if Path(report["base_model"]).exists():
+            logger.warning("the adapter names a local base model (%s): pass --base_model ORG/NAME so that others "
+                           "can load it", report["base_model"])  # fmt: skip
+        try:
+            url = push_to_hub(Path(args.output_dir), args.push_to_hub, args.private, report)
+        except Exception as e:  # noqa: BLE001 (the hub's errors are many: auth, network, permissions)
+            print(f"error: push to {args.push_to_hub} failed ({type(e).__name__}: {e}); the adapter is in "
+                  f"{args.output_dir}", file=sys.stderr)  # fmt: skip
+            return 1
+        print(f"pushed to {url}")
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -84,3 +85,50 @@ def test_runs_that_cannot_be_exported_name_the_reason(tmp_path, capsys, tiny_plo
     assert export.main(["--run_dir", str(tiny_plora_run), "--output_dir", str(tmp_path / "a"), "--max_rank", "0"]) == 2
     assert "max_rank=0" in capsys.readouterr().err
     assert not (tmp_path / "a").exists()
+
+
+class FakeHub:
+    """huggingface_hub.HfApi's two calls the push makes, recorded; no network."""
+
+    calls: list = []
+
+    def __init__(self, fail: bool = False):
+        self.fail = fail
+
+    def create_repo(self, repo_id, repo_type, private, exist_ok):
+        FakeHub.calls.append(("create_repo", repo_id, private))
+
+    def upload_folder(self, repo_id, folder_path, commit_message):
+        if self.fail:
+            raise OSError("401 Unauthorized")
+        files = sorted(p.name for p in Path(folder_path).iterdir())
+        FakeHub.calls.append(("upload_folder", repo_id, files, commit_message))
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_push_to_hub_uploads_the_adapter_folder(tiny_plora_run, tmp_path, capsys, monkeypatch, fail):
+    import huggingface_hub
+
+    FakeHub.calls = []
+    monkeypatch.setattr(huggingface_hub, "HfApi", lambda: FakeHub(fail))
+    out = tmp_path / "adapter"
+    code = export.main(["--run_dir", str(tiny_plora_run), "--output_dir", str(out), "--push_to_hub", "me/plora-tiny",
+                        "--private", "--base_model", "org/tiny"])  # fmt: skip
+    assert (out / "adapter_model.safetensors").is_file()  # kept whether or not the upload worked
+    if fail:
+        assert code == 1 and "push to me/plora-tiny failed (OSError: 401 Unauthorized)" in capsys.readouterr().err
+        return
+    assert code == 0
+    [create, upload] = FakeHub.calls
+    assert create == ("create_repo", "me/plora-tiny", True)
+    assert upload[1] == "me/plora-tiny"
+    assert upload[2] == ["adapter_config.json", "adapter_model.safetensors", "export_report.json"]
+    assert f"rank {3 * R}" in upload[3] and "base org/tiny" in upload[3]
+
+
+@pytest.mark.parametrize("repo", ["plora-tiny", "me/bad name", "a/b/c"])
+def test_a_bad_hub_repo_id_is_refused_before_anything_is_written(tiny_plora_run, tmp_path, capsys, repo):
+    out = tmp_path / "adapter"
+    assert export.main(["--run_dir", str(tiny_plora_run), "--output_dir", str(out), "--push_to_hub", repo]) == 2
+    assert f"push_to_hub={repo!r}" in capsys.readouterr().err
+    assert not out.exists()

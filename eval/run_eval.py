@@ -32,8 +32,8 @@ from pathlib import Path
 import torch
 
 from eval import hub_data
-from eval.loading import EVAL_DTYPES, ModelPathError, eval_dtype, load_for_eval, load_tokenizer_for_eval
-from eval.prompts import PromptFormat, PromptFormatError, harness_lm
+from eval.loading import EVAL_DTYPES, ModelPathError, eval_dtype, is_checkpoint, load_for_eval, load_tokenizer_for_eval
+from eval.prompts import PromptFormat, PromptFormatError, harness_lm, vllm_lm
 from eval.tasks.utils import extract_flexible, extract_strict, gsm8k_gold
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
@@ -251,20 +251,40 @@ def checked_data(args: argparse.Namespace) -> tuple[list[str], Path, list[dict]]
     return tasks, data_dir, configs
 
 
+def check_backend(args: argparse.Namespace) -> None:
+    """vLLM installed, and a model it can load, before anything loads."""
+    if args.backend != "vllm":
+        return
+    if importlib.util.find_spec("vllm") is None:
+        raise EvalError("backend=vllm needs vLLM on a CUDA GPU (pip install vllm); or use --backend hf")
+    if is_checkpoint(Path(args.model_path)) and not (Path(args.model_path) / "config.json").is_file():
+        raise EvalError(
+            f"backend=vllm takes a model directory or hub id, not the checkpoint {args.model_path}: evaluate it with "
+            "--backend hf, which folds it into one model"
+        )
+
+
 def evaluate(args: argparse.Namespace) -> dict:
     tasks, data_dir, configs = checked_data(args)
+    check_backend(args)
     harness_tasks = [t for t in tasks if t != LOSS_TASK]
     wants_loss = "gsm8k" in tasks or LOSS_TASK in tasks
     # the prompt format is settled before the model loads: a model without one fails at once
     prompt_format = PromptFormat(load_tokenizer_for_eval(args.model_path), args.conv_template, str(args.model_path))
     dtype = eval_dtype(args.dtype, args.device)
-    model = load_for_eval(args.model_path, args.device, dtype)
-    logger.info("evaluating %s in %s on %s", args.model_path, str(dtype).removeprefix("torch."), args.device)
+    vllm = args.backend == "vllm" and bool(harness_tasks)
+    model = None if vllm and not wants_loss else load_for_eval(args.model_path, args.device, dtype)
+    logger.info("evaluating %s in %s on %s (%s)", args.model_path, str(dtype).removeprefix("torch."), args.device,
+                args.backend)  # fmt: skip
 
     start = time.perf_counter()
     raw, metrics = {"samples": {}}, {}
     if harness_tasks:
-        lm = harness_lm(model, prompt_format, batch_size=args.batch_size, device=args.device)
+        if vllm:  # vLLM loads its own copy; with the loss's copy beside it, it leaves that room on the GPU
+            lm = vllm_lm(args.model_path, prompt_format, str(dtype).removeprefix("torch."),
+                         gpu_memory_utilization=0.6 if wants_loss else 0.9, batch_size="auto")  # fmt: skip
+        else:
+            lm = harness_lm(model, prompt_format, batch_size=args.batch_size, device=args.device)
         raw, metrics = run_harness(lm, harness_tasks, configs, args.limit, args.mmlu_limit)
     if wants_loss:
         metrics.setdefault("gsm8k", {})["heldout_loss"] = heldout_loss(model, prompt_format, data_dir, args.limit)
@@ -276,6 +296,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         "conv_template": args.conv_template,
         "choice_format": args.choice_format,
         "dtype": str(dtype).removeprefix("torch."),
+        "backend": args.backend,
         "data_dir": str(data_dir),
         "metrics": metrics,
         "seconds": round(time.perf_counter() - start, 1),
@@ -375,6 +396,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         help="auto: log the metrics to the W&B run that trained the model, when there was one",
     )  # fmt: skip
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--backend", choices=("hf", "vllm"), default="hf",
+        help="the harness's model for the harness tasks: hf (transformers), or vllm (batched generation on a GPU: "
+        "pip install vllm; a model directory or hub id, not a checkpoint-N); the held-out loss always runs on hf",
+    )  # fmt: skip
     parser.add_argument(
         "--dtype", choices=("auto", *EVAL_DTYPES), default="auto",
         help="the weights' dtype: auto is bfloat16 on a CUDA GPU that has it, float32 elsewhere",

@@ -4,6 +4,7 @@ folding, bad input; and the embedded model on the local mirror."""
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import re
 from pathlib import Path
@@ -189,6 +190,62 @@ def test_the_model_is_evaluated_in_the_dtype_asked_for(tiny_model_dir, data_dir,
     assert {p.dtype for p in loaded["model"].parameters()} == {torch.bfloat16}
     results = json.loads((out / "results.json").read_text())
     assert results["dtype"] == "bfloat16" and results["metrics"]["gsm8k"]["heldout_loss"]["loss"] > 0
+
+
+def pretend_vllm_is_installed(monkeypatch, installed: bool) -> None:
+    find_spec = importlib.util.find_spec
+    vllm = find_spec("json") if installed else None  # any spec stands for an installed vllm
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: vllm if name == "vllm" else find_spec(name, *a))
+
+
+@pytest.mark.parametrize(
+    "tasks, hf_model_loaded, memory", [("arc_easy", False, 0.9), ("arc_easy,gsm8k_loss", True, 0.6)]
+)
+def test_backend_vllm_runs_the_harness_tasks_on_vllm_and_the_loss_on_hf(
+    tiny_model_dir, data_dir, tmp_path, monkeypatch, tasks, hf_model_loaded, memory
+):
+    pretend_vllm_is_installed(monkeypatch, True)
+    calls, loads = [], []
+
+    def fake_vllm_lm(model_path, prompt_format, dtype, gpu_memory_utilization, **kwargs):
+        calls.append((str(model_path), dtype, gpu_memory_utilization))
+        model = load_for_eval(model_path)  # vLLM itself needs a GPU: the harness's HF model stands in for it
+        return run_eval.harness_lm(model, prompt_format, batch_size=2)
+
+    def counting_load(*args):
+        loads.append(args)
+        return load_for_eval(*args)
+
+    monkeypatch.setattr(run_eval, "vllm_lm", fake_vllm_lm)
+    monkeypatch.setattr(run_eval, "load_for_eval", counting_load)
+    out = tmp_path / "eval"
+    code = run_eval.main(["--model_path", str(tiny_model_dir), "--data_dir", str(data_dir), "--output_dir", str(out),
+                          "--tasks", tasks, "--backend", "vllm", "--wandb", "off"])  # fmt: skip
+    assert code == 0
+    assert calls == [(str(tiny_model_dir), "float32", memory)]
+    assert bool(loads) == hf_model_loaded
+    results = json.loads((out / "results.json").read_text())
+    assert results["backend"] == "vllm" and "acc" in results["metrics"]["arc_easy"]
+
+
+def test_backend_vllm_without_vllm_or_on_a_checkpoint_is_one_line(
+    tiny_model_dir, data_dir, tmp_path, capsys, monkeypatch
+):
+    out = tmp_path / "out"
+    flags = ["--data_dir", str(data_dir), "--output_dir", str(out), "--tasks", "arc_easy", "--backend", "vllm"]
+    pretend_vllm_is_installed(monkeypatch, False)
+    assert run_eval.main(["--model_path", str(tiny_model_dir), *flags]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: backend=vllm needs vLLM on a CUDA GPU (pip install vllm); or use --backend hf"
+    )
+    pretend_vllm_is_installed(monkeypatch, True)
+    checkpoint = tmp_path / "run" / "checkpoint-3"
+    checkpoint.mkdir(parents=True)
+    for name in ("adapter_config.json", "plora_state.safetensors"):
+        (checkpoint / name).write_text("{}")
+    assert run_eval.main(["--model_path", str(checkpoint), *flags]) == 2
+    assert "backend=vllm takes a model directory or hub id, not the checkpoint" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def train_tiny_plora(model_dir: Path, tmp_path: Path, out: Path, *extra: str) -> None:

@@ -206,6 +206,26 @@ def test_reproduce_trains_only_the_configs_named(tmp_path):
     assert proc.returncode == 2 and "CONFIGS: 'table1_lora_r1' is not a config of capacity" in proc.stderr
 
 
+def test_reproduce_under_slurm_queues_arrays_sized_to_the_runs_left(tmp_path):
+    """The queueing itself runs on a real SLURM in tests/test_slurm_reproduce.py; here, what is queued when."""
+    runs = tmp_path / "runs"
+    (runs / "paper" / "figure2_m0" / "seed42").mkdir(parents=True)  # the last of the four in file order
+    (runs / "paper" / "figure2_m0" / "seed42" / "summary.json").write_text("{}")
+    env = {"RUNS_DIR": str(runs), "RESULTS_DIR": str(tmp_path), "SLURM": "1", "NODES": "2", "NPROC": "4"}
+    proc = dry_run("reproduce.sh", "figure2", "paper", SBATCH_FLAGS="--partition gpu --time 2:00:00", **env)
+    assert proc.returncode == 0, proc.stderr
+    train, results = commands(proc)[-2:]
+    assert train.startswith("sbatch --chdir ") and " --partition gpu --time 2:00:00 " in train
+    assert " --array 0,1,2 --nodes 2 --gpus-per-node 4 " in train and train.endswith(" launch/slurm.sbatch")
+    assert " --dependency afterok:JOB1 " in results and "REPRODUCE_TASK=results" in results  # no evaluation
+    assert "queued 3 of 4 runs to train" in proc.stdout and not (runs / "paper" / "figure2.runs").exists()
+    proc = dry_run("reproduce.sh", "figure2", "paper", **{**env, "NPROC": "8"})  # 16 GPUs cannot split 24
+    assert proc.returncode == 2 and "GLOBAL_BATCH=24 does not split over 16 processes" in proc.stderr
+    assert not commands(proc)
+    proc = dry_run("reproduce.sh", "figure2", "paper", **{**env, "SLURM": "yes"})
+    assert proc.returncode == 2 and "SLURM=yes: expected 0 or 1" in proc.stderr
+
+
 @pytest.mark.skipif(not (REPO / ".venv/bin/python").exists(), reason="env.sh sets up .venv; tests/run.sh makes it")
 @pytest.mark.parametrize("allocator, expected", [("mimalloc", "libmimalloc"), ("system", ""), ("tcmalloc", None)])
 def test_env_sh_starts_later_commands_on_the_chosen_allocator(allocator, expected):

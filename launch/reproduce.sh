@@ -57,10 +57,11 @@ main() {
     set_scale "$scale"
     if [ "$experiment" = capacity ]; then EVAL_FLAGS=(--tasks gsm8k_loss --limit 200); fi  # its one measure
     RUN_LIST="$RUNS_DIR/$scale/$experiment.runs"
+    local listed  # (a failed lookup ends the job: set -e stops at an assignment, not at an argument)
     case "${REPRODUCE_TASK:-}" in  # one job of SLURM=1's (queue below)
-        eval) evaluate_run "$experiment" "$(list_field "$SLURM_ARRAY_TASK_ID" 2)"; return ;;
-        base) evaluate_base "$experiment" "$scale" "$(list_field 0 1)"; return ;;
-        results) write_results "$experiment" "$scale" "$(cut -f 2 "$RUN_LIST")"; return ;;
+        eval) listed="$(list_field "$SLURM_ARRAY_TASK_ID" 2)"; evaluate_run "$experiment" "$listed"; return ;;
+        base) listed="$(list_field 0 1)"; evaluate_base "$experiment" "$scale" "$listed"; return ;;
+        results) listed="$(list_field all 2)"; write_results "$experiment" "$scale" "$listed"; return ;;
         "") ;;
         *) fail "REPRODUCE_TASK=$REPRODUCE_TASK: set by SLURM=1 for its own jobs (eval, base, results)" ;;
     esac
@@ -147,9 +148,13 @@ write_results() {  # experiment, scale, run dirs (one a line): the table or figu
     esac
 }
 
-list_field() {  # task index, field (1 config, 2 run dir, 3 seed): from the run list SLURM=1 wrote
+list_field() {  # task index (or all), field (1 config, 2 run dir, 3 seed): from the run list SLURM=1 wrote
     [ -f "$RUN_LIST" ] || fail "no run list $RUN_LIST: it is written when SLURM=1 queues the experiment"
-    sed -n "$(($1 + 1))p" "$RUN_LIST" | cut -f "$2"
+    if [ "$1" = all ]; then cut -f "$2" "$RUN_LIST"; return; fi
+    local line
+    line="$(sed -n "$(($1 + 1))p" "$RUN_LIST")"
+    [ -n "$line" ] || fail "$RUN_LIST has no run $1"
+    cut -f "$2" <<< "$line"
 }
 
 # queue EXPERIMENT SCALE RUN_LINES (SLURM=1): training array (the runs without a summary.json) ->

@@ -13,6 +13,16 @@ fail() { echo "error: $*" >&2; exit 2; }
 # ~/.netrc entry `wandb login` writes), else nothing; REPORT_TO=none turns W&B off for a logged-in user
 if [ -z "${REPORT_TO:-}" ]; then REPORT_TO="$("$PYTHON" -m fastchat_plora.wandb_auth 2> /dev/null || true)"; fi
 
+# run_list_line LIST INDEX: run INDEX (from 0) of a run list launch/reproduce.sh SLURM=1 wrote, one line
+# "config<TAB>run dir<TAB>seed" a run, or fails naming the list
+run_list_line() {
+    [ -f "$1" ] || fail "no run list $1: launch/reproduce.sh SLURM=1 writes it when it queues an experiment"
+    local line
+    line="$(sed -n "$(($2 + 1))p" "$1")"
+    [ -n "$line" ] || fail "run list $1 has no run $2"
+    printf '%s\n' "$line"
+}
+
 # fit_batch WORLD_SIZE: sets PER_DEVICE (unless given) and ACCUMULATION so that
 # PER_DEVICE x ACCUMULATION x WORLD_SIZE = GLOBAL_BATCH, or fails naming the process counts that can
 fit_batch() {

@@ -149,11 +149,9 @@ write_results() {  # experiment, scale, run dirs (one a line): the table or figu
 }
 
 list_field() {  # task index (or all), field (1 config, 2 run dir, 3 seed): from the run list SLURM=1 wrote
-    [ -f "$RUN_LIST" ] || fail "no run list $RUN_LIST: it is written when SLURM=1 queues the experiment"
-    if [ "$1" = all ]; then cut -f "$2" "$RUN_LIST"; return; fi
+    if [ "$1" = all ]; then run_list_line "$RUN_LIST" 0 > /dev/null && cut -f "$2" "$RUN_LIST"; return; fi
     local line
-    line="$(sed -n "$(($1 + 1))p" "$RUN_LIST")"
-    [ -n "$line" ] || fail "$RUN_LIST has no run $1"
+    line="$(run_list_line "$RUN_LIST" "$1")"
     cut -f "$2" <<< "$line"
 }
 

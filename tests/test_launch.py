@@ -55,6 +55,17 @@ def test_the_slurm_job_takes_its_gpus_and_port_from_slurm_and_resumes_by_default
     assert "--gradient_accumulation_steps 2 --report_to wandb" in command
 
 
+def test_a_job_array_task_trains_its_own_line_of_the_run_list(tmp_path):
+    runs = tmp_path / "table1.runs"
+    runs.write_text("configs/paper/table1_lora_r8.yaml\truns/a\t42\nconfigs/paper/table1_plora_r8.yaml\truns/b\t43\n")
+    env = {"RUN_LIST": str(runs), "SLURM_ARRAY_TASK_ID": "1"}
+    [command] = commands(dry_run("slurm.sbatch", "--max_steps", "5", **env))
+    assert "--config configs/paper/table1_plora_r8.yaml --output_dir runs/b " in command
+    assert command.endswith("--seed 43 --max_steps 5")  # the run's seed, then the job's own flags
+    proc = dry_run("slurm.sbatch", **{**env, "SLURM_ARRAY_TASK_ID": "2"})
+    assert proc.returncode == 2 and proc.stderr.strip() == f"error: run list {runs} has no run 2"
+
+
 def test_reproduce_logs_every_run_to_wandb_when_asked():
     proc = dry_run("reproduce.sh", "table2", "small", REPORT_TO="wandb")
     trained = [c for c in commands(proc) if "fastchat_plora.train_plora" in c]

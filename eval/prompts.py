@@ -65,15 +65,27 @@ class PromptFormat:
         return self.tokenizer(prompt, add_special_tokens=special)["input_ids"]
 
 
-def harness_lm(model, prompt_format: PromptFormat, **kwargs):
-    """lm-evaluation-harness's HF model, wrapping each request in ``prompt_format``."""
+def harness_lm(model, prompt_format: PromptFormat, accelerator=None, **kwargs):
+    """lm-evaluation-harness's HF model, wrapping each request in ``prompt_format``.
+
+    With an ``accelerator`` of several processes (torchrun), each process holds its own copy of the
+    model and the harness gives each a share of every task's documents, gathered on process 0. The
+    harness shares the work this way only when it loads the model itself from a name; handed a loaded
+    model (a folded checkpoint, or the copy the held-out loss also uses) it runs as one process, so
+    the processes are set here: its evaluator reads `rank` and `world_size` and gathers through
+    `accelerator`, as it does for a model it loaded under `accelerate launch`.
+    """
     from lm_eval.models.huggingface import HFLM
 
     class FormattedHFLM(HFLM):
         def apply_chat_template(self, chat_history: list[Message], add_generation_prompt: bool = True) -> str:
             return prompt_format.render(chat_history, add_generation_prompt)
 
-    return FormattedHFLM(pretrained=model, tokenizer=prompt_format.tokenizer, add_bos_token=True, **kwargs)
+    lm = FormattedHFLM(pretrained=model, tokenizer=prompt_format.tokenizer, add_bos_token=True, **kwargs)
+    if accelerator is not None and accelerator.num_processes > 1:
+        lm.accelerator = accelerator
+        lm._rank, lm._world_size = accelerator.process_index, accelerator.num_processes
+    return lm
 
 
 def vllm_lm(model_path: str, prompt_format: PromptFormat, dtype: str, gpu_memory_utilization: float, **kwargs):

@@ -4,6 +4,9 @@
         [--data_dir ../shared/data] [--limit N] [--mmlu_limit N] --output_dir runs/demo/eval
 
 `--tasks gsm8k_loss` computes the GSM8K held-out loss alone (no generation; cheap on a CPU).
+Data-parallel over a node's GPUs, each process holding a copy of the model and a share of every task:
+
+    torchrun --standalone --nproc_per_node 8 -m eval.run_eval --model_path ... --output_dir ...
 
 Reads a plain HF model directory (what train_plora.py writes, or a full-fine-tuning checkpoint) or a
 LoRA/PLoRA checkpoint-N (its adapter and merged base weights are folded into the base model). The
@@ -19,6 +22,7 @@ so a failed evaluation never overwrites finished results.
 from __future__ import annotations
 
 import argparse
+import csv
 import functools
 import importlib.util
 import json
@@ -100,13 +104,17 @@ def task_configs(tasks: list[str], data_dir: Path, choice_format: str = "text") 
     return configs
 
 
-def heldout_loss(model, prompt_format: PromptFormat, data_dir: Path, limit: int | None) -> dict:
+def heldout_loss(model, prompt_format: PromptFormat, data_dir: Path, limit: int | None, accelerator=None) -> dict:
     """Mean per-token loss of the gold GSM8K test answers, given the question in the training format.
 
-    A continuous signal that still moves where a small model's accuracy is near zero.
+    A continuous signal that still moves where a small model's accuracy is near zero. With several
+    processes each takes every world-size-th answer and the sums are added up across them.
     """
     rows = [json.loads(line) for line in (data_dir / "gsm8k" / "test.jsonl").read_text().splitlines() if line]
     rows = rows[:limit] if limit else rows
+    questions = len(rows)
+    if accelerator is not None:
+        rows = rows[accelerator.process_index :: accelerator.num_processes]
     total, tokens = 0.0, 0
     device = next(model.parameters()).device
     for row in rows:
@@ -119,7 +127,10 @@ def heldout_loss(model, prompt_format: PromptFormat, data_dir: Path, limit: int 
             loss = model(input_ids=ids, labels=labels).loss
         total += loss.item() * len(answer_ids)
         tokens += len(answer_ids)
-    return {"loss": total / tokens, "tokens": tokens, "questions": len(rows)}
+    if accelerator is not None:
+        sums = accelerator.reduce(torch.tensor([total, tokens], dtype=torch.float64, device=device), "sum")
+        total, tokens = sums[0].item(), int(sums[1].item())
+    return {"loss": total / tokens, "tokens": tokens, "questions": questions}
 
 
 def sample_rows(task: str, samples: list[dict]) -> list[dict]:
@@ -172,14 +183,15 @@ def summarize(raw: dict, tasks: list[str]) -> dict:
 
 
 def run_harness(lm, tasks: list[str], configs: list[dict], limit: int | None, mmlu_limit: int | None = None):
-    """Zero-shot, chat-templated harness run of `configs` on any harness LM; raw output and metrics.
+    """Zero-shot, chat-templated harness run of `configs` on any harness LM; raw output and metrics
+    (on process 0; other processes of a data-parallel run get None, None).
 
     MMLU's 57 subjects may take their own per-subject limit; the harness takes one limit per
     call, so they then run as a second call whose results and samples join the first's.
     """
     import lm_eval
 
-    def harness(subset: list[dict], n: int | None) -> dict:
+    def harness(subset: list[dict], n: int | None) -> dict | None:
         return lm_eval.simple_evaluate(
             model=lm, tasks=subset, limit=n, apply_chat_template=True, log_samples=True,
             bootstrap_iters=0, random_seed=0, numpy_random_seed=0, torch_random_seed=0,
@@ -187,13 +199,15 @@ def run_harness(lm, tasks: list[str], configs: list[dict], limit: int | None, mm
 
     if mmlu_limit is None:
         raw = harness(configs, limit)
-        return raw, summarize(raw, tasks)
+        return (raw, summarize(raw, tasks)) if raw is not None else (None, None)
     raw = {"results": {}, "samples": {}}
     mmlu = [c for c in configs if c["task"].startswith("mmlu_local_")]
     rest = [c for c in configs if c not in mmlu]
     for subset, n in ((rest, limit), (mmlu, mmlu_limit)):
         if subset:
             part = harness(subset, n)
+            if part is None:  # a process other than the first: its share went to process 0
+                return None, None
             raw["results"].update(part["results"])
             raw["samples"].update(part["samples"])
     return raw, summarize(raw, tasks)
@@ -264,18 +278,68 @@ def check_backend(args: argparse.Namespace) -> None:
         )
 
 
-def evaluate(args: argparse.Namespace) -> dict:
+def items(path: Path) -> int:
+    """The items of a local test file: JSON lines, or MMLU's CSV rows."""
+    with path.open(newline="", encoding="utf-8") as f:
+        if path.suffix == ".csv":
+            return sum(1 for _ in csv.reader(f))
+        return sum(1 for line in f if line.strip())
+
+
+def data_parallel(args: argparse.Namespace, configs: list[dict]):
+    """Under torchrun (WORLD_SIZE > 1): this process's Accelerator, each process on a GPU of its own
+    (gloo processes on the CPU with --device cpu); one process: None. The harness gives every process a
+    share of every task and stops on a process without one, so each task needs an item a process."""
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if processes <= 1:
+        return None
+    if args.backend == "vllm":
+        raise EvalError(
+            "--backend vllm runs as one process (vLLM batches across the GPU itself): run it without torchrun"
+        )
+    for config in configs:
+        limit = args.mmlu_limit if config["task"].startswith("mmlu_local_") and args.mmlu_limit else args.limit
+        n = items(Path(config["dataset_kwargs"]["data_files"]["test"]))
+        n = min(n, limit) if limit else n
+        if n < processes:
+            raise EvalError(
+                f"{config['task']} has {n} item(s) for {processes} processes: run at most {n} (torchrun "
+                "--nproc_per_node), or raise --limit / --mmlu_limit"
+            )
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=not str(args.device).startswith("cuda"))
+
+
+def load_in_turn(accelerator, path: str | Path, device: str, dtype: torch.dtype):
+    """The model on every process. A checkpoint-N is folded in fp32 in CPU memory (27 GB at 7B), so the
+    processes of a node fold theirs one after another; model directories load at once."""
+    if accelerator is None or not is_checkpoint(Path(path)):
+        return load_for_eval(path, device, dtype)
+    model = None
+    for turn in range(accelerator.num_processes):
+        if accelerator.process_index == turn:
+            model = load_for_eval(path, device, dtype)
+        accelerator.wait_for_everyone()
+    return model
+
+
+def evaluate(args: argparse.Namespace) -> dict | None:
+    """Evaluate and write the results (None on the processes other than the first of a data-parallel run)."""
     tasks, data_dir, configs = checked_data(args)
     check_backend(args)
+    accelerator = data_parallel(args, configs)
+    device = str(accelerator.device) if accelerator is not None else args.device
     harness_tasks = [t for t in tasks if t != LOSS_TASK]
     wants_loss = "gsm8k" in tasks or LOSS_TASK in tasks
     # the prompt format is settled before the model loads: a model without one fails at once
     prompt_format = PromptFormat(load_tokenizer_for_eval(args.model_path), args.conv_template, str(args.model_path))
-    dtype = eval_dtype(args.dtype, args.device)
+    dtype = eval_dtype(args.dtype, device)
     vllm = args.backend == "vllm" and bool(harness_tasks)
-    model = None if vllm and not wants_loss else load_for_eval(args.model_path, args.device, dtype)
-    logger.info("evaluating %s in %s on %s (%s)", args.model_path, str(dtype).removeprefix("torch."), args.device,
-                args.backend)  # fmt: skip
+    model = None if vllm and not wants_loss else load_in_turn(accelerator, args.model_path, device, dtype)
+    processes = f", {accelerator.num_processes} processes" if accelerator is not None else ""
+    logger.info("evaluating %s in %s on %s (%s%s)", args.model_path, str(dtype).removeprefix("torch."), device,
+                args.backend, processes)  # fmt: skip
 
     start = time.perf_counter()
     raw, metrics = {"samples": {}}, {}
@@ -284,10 +348,14 @@ def evaluate(args: argparse.Namespace) -> dict:
             lm = vllm_lm(args.model_path, prompt_format, str(dtype).removeprefix("torch."),
                          gpu_memory_utilization=0.6 if wants_loss else 0.9, batch_size="auto")  # fmt: skip
         else:
-            lm = harness_lm(model, prompt_format, batch_size=args.batch_size, device=args.device)
+            lm = harness_lm(model, prompt_format, accelerator, batch_size=args.batch_size, device=device)
         raw, metrics = run_harness(lm, harness_tasks, configs, args.limit, args.mmlu_limit)
     if wants_loss:
-        metrics.setdefault("gsm8k", {})["heldout_loss"] = heldout_loss(model, prompt_format, data_dir, args.limit)
+        loss = heldout_loss(model, prompt_format, data_dir, args.limit, accelerator)
+        if metrics is not None:
+            metrics.setdefault("gsm8k", {})["heldout_loss"] = loss
+    if accelerator is not None and not accelerator.is_main_process:
+        return None  # process 0 holds everything gathered, and writes it
     results = {
         "model_path": str(args.model_path),
         "tasks": tasks,
@@ -422,6 +490,11 @@ def main(argv: list[str] | None = None) -> int:
     except (EvalError, ModelPathError, PromptFormatError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    if results is None:  # a data-parallel process other than the first
+        return 0
     print(json.dumps(results["metrics"], indent=2))
     print(f"wrote {args.output_dir}/results.json in {results['seconds']} s")
     return 0

@@ -34,6 +34,7 @@ DRY_RUN="${DRY_RUN:-0}"
 TRAIN_ARGS="${TRAIN_ARGS:-}"            # extra flags for every training run, e.g. "--logging_steps 10"
 EVAL_TASKS="${EVAL_TASKS:-}"            # evaluate on these tasks only, e.g. gsm8k_loss (default: all of the scale's)
 EVAL_ARGS="${EVAL_ARGS:-}"              # extra flags for every evaluation, e.g. "--batch_size 16" or "--backend vllm"
+EVAL_GPUS="${EVAL_GPUS:-1}"             # GPUs of one node each model's evaluation shares its items over (torchrun)
 REPORT_TO="${REPORT_TO:-}"  # wandb or none; default: wandb when logged in to W&B (WANDB_API_KEY or wandb login)
 SLURM="${SLURM:-0}"                     # 1: queue the experiment through SLURM (above) instead of running it here
 SBATCH_FLAGS="${SBATCH_FLAGS:-}"        # SLURM=1: options for every job, e.g. "--partition gpu --account A --time 24:00:00"
@@ -54,6 +55,7 @@ main() {
     source launch/common.sh  # fail, run (DRY_RUN), fit_batch
     case "$scale" in small | paper) ;; *) fail "scale '$scale': expected small or paper" ;; esac
     case "$SLURM" in 0 | 1) ;; *) fail "SLURM=$SLURM: expected 0 or 1" ;; esac
+    [[ "$EVAL_GPUS" =~ ^[1-9][0-9]*$ ]] || fail "EVAL_GPUS=$EVAL_GPUS: expected a number of GPUs, 1 or more"
     set_scale "$scale"
     if [ "$experiment" = capacity ]; then EVAL_FLAGS=(--tasks gsm8k_loss --limit 200); fi  # its one measure
     RUN_LIST="$RUNS_DIR/$scale/$experiment.runs"
@@ -184,9 +186,9 @@ queue() {
         after=(--dependency "aftercorr:$JOB" --kill-on-invalid-dep=yes)
         deps+=("$JOB")
     fi
-    local one_gpu=()
-    if [ "$REQUEST_GPUS" = 1 ]; then one_gpu=(--gpus-per-node 1); fi
-    local task=(--nodes 1 --ntasks 1 "${one_gpu[@]}" --wrap "bash launch/reproduce.sh $experiment $scale")
+    local eval_gpus=()
+    if [ "$REQUEST_GPUS" = 1 ]; then eval_gpus=(--gpus-per-node "$EVAL_GPUS"); fi
+    local task=(--nodes 1 --ntasks 1 "${eval_gpus[@]}" --wrap "bash launch/reproduce.sh $experiment $scale")
     if [ "$experiment" != figure2 ]; then
         submit "${common[@]}" --job-name "$job-eval" --array "0-$((n - 1))" "${after[@]}" \
             --output "$LOG_DIR/%x-%A_%a.out" --export "ALL,REPRODUCE_TASK=eval" "${task[@]}"
@@ -261,8 +263,11 @@ train() {  # config, run dir, seed
 
 evaluate() {  # model, output dir, extra flags
     if [ -f "$2/results.json" ]; then echo "= $2: evaluated"; return; fi
+    local launch=("$PY")  # EVAL_GPUS > 1: one process a GPU, each with a share of every task
+    if [ "$EVAL_GPUS" -gt 1 ]; then launch+=(-m torch.distributed.run --standalone --nproc_per_node "$EVAL_GPUS"); fi
     # shellcheck disable=SC2086  # EVAL_ARGS is a list of flags
-    run "$PY" -m eval.run_eval --model_path "$1" "${EVAL_FLAGS[@]}" "${DATA_FLAGS[@]}" --output_dir "$2" "${@:3}" $EVAL_ARGS
+    run "${launch[@]}" -m eval.run_eval --model_path "$1" "${EVAL_FLAGS[@]}" "${DATA_FLAGS[@]}" --output_dir "$2" \
+        "${@:3}" $EVAL_ARGS
 }
 
 base_format() {  # config: the base model is evaluated in the prompt format its runs trained in

@@ -7,6 +7,9 @@ import csv
 import importlib.util
 import json
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +20,7 @@ from eval import run_eval
 from eval.loading import eval_dtype, load_for_eval
 from eval.tasks.utils import extract_flexible, extract_strict, gsm8k_gold
 from fastchat_plora.train_plora import cli
-from tests.conftest import SHARED_DATA, tiny_run, write_conversations
+from tests.conftest import REPO, SHARED_DATA, module_env, tiny_run, write_conversations
 
 
 @pytest.mark.parametrize(
@@ -264,6 +267,79 @@ def test_a_plora_checkpoint_folds_into_the_model_it_was(tiny_model_dir, tmp_path
     ids = torch.arange(20).unsqueeze(0)
     with torch.no_grad():
         torch.testing.assert_close(folded(ids).logits, final(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def evaluated_by(processes: int, model: Path, data_dir: Path, out: Path, tasks: str) -> tuple[dict, str]:
+    """run_eval as one process, or as a user runs it over a node's GPUs (torchrun; here gloo processes
+    on the CPU): results.json and every samples file (samples sorted by prompt), and its log."""
+    flags = ["-m", "eval.run_eval", "--model_path", str(model), "--data_dir", str(data_dir), "--output_dir", str(out),
+             "--tasks", tasks, "--batch_size", "1", "--device", "cpu", "--wandb", "off"]  # fmt: skip
+    command = [sys.executable, *flags]
+    if processes > 1:
+        command = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", str(processes),
+                   *flags]  # fmt: skip
+    proc = subprocess.run(command, cwd=REPO, env=module_env(OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=900)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    written = {"results": json.loads((out / "results.json").read_text())}
+    for path in out.glob("samples_*.jsonl"):
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        written[path.stem] = sorted(rows, key=lambda r: (r.get("subtask", ""), r["prompt"]))
+    return written, proc.stderr
+
+
+@pytest.mark.slow
+def test_two_processes_score_what_one_process_scores(tiny_model_dir, data_dir, tmp_path):
+    # Batch size 1: each item is computed alone in both runs, so only the sharing differs.
+    data = shutil.copytree(data_dir, tmp_path / "data")
+    for subject in (data / "mmlu" / "data" / "test").iterdir():  # an item a process in every subject
+        subject.write_text(subject.read_text() + "Pick option C.,w,x,y,z,C\n")
+    tasks = "gsm8k,mmlu,arc_easy,arc_challenge"
+    one, _ = evaluated_by(1, tiny_model_dir, data, tmp_path / "one", tasks)
+    two, log = evaluated_by(2, tiny_model_dir, data, tmp_path / "two", tasks)
+    for task in ("gsm8k_local", "mmlu_local_virology", "arc_challenge_local"):  # the harness's own word
+        assert f"Building contexts for {task} on rank 1..." in log  # that the second process took its share
+    assert set(two) == set(one) == {"results", "samples_gsm8k", "samples_mmlu", "samples_arc_easy",
+                                    "samples_arc_challenge"}  # fmt: skip
+    loss_one, loss_two = (w["results"]["metrics"]["gsm8k"].pop("heldout_loss") for w in (one, two))
+    assert loss_two["questions"] == loss_one["questions"] == 2 and loss_two["tokens"] == loss_one["tokens"]
+    assert loss_two["loss"] == pytest.approx(loss_one["loss"], rel=1e-6)  # summed in another order
+    assert two["results"]["metrics"] == one["results"]["metrics"]
+    for name in set(one) - {"results"}:
+        assert two[name] == one[name], name
+
+
+@pytest.mark.slow
+def test_two_processes_fold_a_checkpoint_in_turn_to_the_loss_one_process_measures(tiny_model_dir, data_dir, tmp_path):
+    run = tmp_path / "run"
+    train_tiny_plora(tiny_model_dir, tmp_path, run, "--max_steps", "3", "--save_steps", "3", "--learning_rate", "1e-2")
+    one, two = (evaluated_by(n, run / "checkpoint-3", data_dir, tmp_path / f"eval{n}", "gsm8k_loss")[0] for n in (1, 2))
+    loss_one, loss_two = (w["results"]["metrics"]["gsm8k"]["heldout_loss"] for w in (one, two))
+    assert loss_two["tokens"] == loss_one["tokens"] and loss_two["loss"] == pytest.approx(loss_one["loss"], rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "flags, error",
+    [
+        (["--tasks", "gsm8k", "--backend", "vllm"],
+         "--backend vllm runs as one process (vLLM batches across the GPU itself): run it without torchrun"),
+        (["--tasks", "arc_easy,mmlu"], "mmlu_local_abstract_algebra has 1 item(s) for 2 processes: run at most 1 "
+         "(torchrun --nproc_per_node), or raise --limit / --mmlu_limit"),
+        (["--tasks", "gsm8k", "--limit", "1"], "gsm8k_local has 1 item(s) for 2 processes"),
+    ],
+)  # fmt: skip
+def test_what_two_processes_cannot_share_is_refused_before_the_model_loads(
+    tiny_model_dir, data_dir, tmp_path, capsys, monkeypatch, flags, error
+):
+    pretend_vllm_is_installed(monkeypatch, True)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it; refused before any process group is joined
+    monkeypatch.setattr(run_eval, "load_for_eval", lambda *a: pytest.fail("the model loaded"))
+    out = tmp_path / "eval"
+    code = run_eval.main(["--model_path", str(tiny_model_dir), "--data_dir", str(data_dir), "--output_dir", str(out),
+                          *flags])  # fmt: skip
+    assert code == 2 and not out.exists()
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"error: {error}")
 
 
 @pytest.mark.parametrize(

@@ -189,6 +189,18 @@ def test_reproduce_evaluates_on_the_tasks_asked_for(tmp_path):
     assert all(" --tasks gsm8k_loss " in f"{c} " for c in evaluations), evaluations
 
 
+def test_reproduce_shares_each_evaluation_over_eval_gpus_and_asks_slurm_for_them(tmp_path):
+    env = {"RUNS_DIR": str(tmp_path / "runs"), "RESULTS_DIR": str(tmp_path), "EVAL_GPUS": "4"}
+    evaluations = [c for c in commands(dry_run("reproduce.sh", "table1", "paper", **env)) if "run_eval --model" in c]
+    assert len(evaluations) == 1 + len(list((REPO / "configs" / "paper").glob("table1_*.yaml")))  # base, runs
+    assert all(" -m torch.distributed.run --standalone --nproc_per_node 4 -m eval.run_eval " in c for c in evaluations)
+    jobs = commands(dry_run("reproduce.sh", "table1", "paper", SLURM="1", **env))
+    evaluating = [c for c in jobs if "REPRODUCE_TASK=eval" in c or "REPRODUCE_TASK=base" in c]
+    assert len(evaluating) == 2 and all(" --nodes 1 --ntasks 1 --gpus-per-node 4 " in c for c in evaluating)
+    proc = dry_run("reproduce.sh", "table1", "paper", **{**env, "EVAL_GPUS": "0"})
+    assert proc.returncode == 2 and "EVAL_GPUS=0: expected a number of GPUs, 1 or more" in proc.stderr
+
+
 def test_reproduce_skips_finished_runs_and_names_unknown_experiments(tmp_path):
     runs = tmp_path / "runs"
     done = runs / "small" / "table2_lora_r1_qv" / "seed42"

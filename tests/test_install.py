@@ -10,9 +10,9 @@ import pytest
 from tests.conftest import REPO
 
 
-def pins(path) -> dict[str, str]:
-    """``name==version`` lines, names normalised as pip lists them (lm-eval -> lm_eval)."""
-    found = re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", path.read_text(), flags=re.M)
+def pins(text: str) -> dict[str, str]:
+    """The ``name==version`` lines of ``text``, names normalised as pip lists them (lm-eval -> lm_eval)."""
+    found = re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)$", text, flags=re.M)
     return {name.lower().replace("-", "_"): version for name, version in found}
 
 
@@ -24,10 +24,8 @@ def test_the_floors_install_together_load_every_config_and_pass_the_core_cpu_tes
     )
     log = "\n".join(line for line in (run.stdout + run.stderr).splitlines() if "is ignored" not in line)
     assert run.returncode == 0, log[-4000:]
-    installed = {  # floors.sh lists what the floors resolved to
-        name.lower().replace("-", "_"): version for name, version in re.findall(r"^(\S+)==(\S+)$", log, flags=re.M)
-    }
-    for name, version in pins(REPO / "constraints" / "floors.txt").items():
+    installed = pins(log)  # floors.sh lists what the floors resolved to
+    for name, version in pins((REPO / "constraints" / "floors.txt").read_text()).items():
         assert installed.get(name) == version, f"{name}: floors.txt pins {version}, the venv has {installed.get(name)}"
     shipped = len(list((REPO / "configs").glob("*/*.yaml")))
     assert f"{shipped} config(s) valid" in log
